@@ -1,0 +1,115 @@
+// Order-preserving float keys and a small LSD radix sort for one row, used by the CPU ops.
+//
+// The key of a float is its bit pattern with the sign bit flipped for positives and all bits
+// flipped for negatives, so that unsigned integer order equals float order (NaN, made
+// positive, sorts last; -0.0 is folded into +0.0 so that ties sort like torch.sort).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <utility>
+
+namespace fastloss {
+
+template <typename F> struct KeyOf;
+template <> struct KeyOf<float> { using type = uint32_t; };
+template <> struct KeyOf<double> { using type = uint64_t; };
+
+template <typename F>
+inline typename KeyOf<F>::type float_to_key(F x) {
+  using K = typename KeyOf<F>::type;
+  constexpr int kBits = sizeof(K) * 8;
+  if (x == F(0)) x = F(0);  // -0.0 -> +0.0
+  K bits;
+  if (x != x) {             // any NaN -> the positive quiet NaN, which sorts last
+    F nan = std::numeric_limits<F>::quiet_NaN();
+    std::memcpy(&bits, &nan, sizeof(K));
+  } else {
+    std::memcpy(&bits, &x, sizeof(K));
+  }
+  const K sign = K(1) << (kBits - 1);
+  return (bits & sign) ? ~bits : (bits | sign);
+}
+
+template <typename F>
+inline F key_to_float(typename KeyOf<F>::type key) {
+  using K = typename KeyOf<F>::type;
+  constexpr int kBits = sizeof(K) * 8;
+  const K sign = K(1) << (kBits - 1);
+  K bits = (key & sign) ? (key & ~sign) : ~key;
+  F x;
+  std::memcpy(&x, &bits, sizeof(K));
+  return x;
+}
+
+// Stable LSD radix sort of n items by the kBytes bytes of key_of(item) starting at byte
+// kFirstByte (8-bit digits). `a` holds the input and receives the output; `tmp` is scratch of
+// the same length. All digit counts are taken in one read before the first pass (LSD passes
+// do not change them), and a pass in which every item falls into one bucket is skipped.
+// (Measured here: 11-bit digits and per-part counters were no faster on rows of 1k-4k.)
+template <int kFirstByte, int kBytes, typename T, typename KeyFn>
+void radix_sort(T* a, T* tmp, int64_t n, KeyFn key_of) {
+  if (n <= 1) return;
+  uint32_t hist[kBytes][256];
+  std::memset(hist, 0, sizeof(hist));
+  for (int64_t i = 0; i < n; ++i) {
+    const auto k = key_of(a[i]);
+    for (int p = 0; p < kBytes; ++p) hist[p][(k >> (8 * (kFirstByte + p))) & 0xFF]++;
+  }
+  T* src = a;
+  T* dst = tmp;
+  for (int p = 0; p < kBytes; ++p) {
+    const int shift = 8 * (kFirstByte + p);
+    uint32_t* offset = hist[p];
+    if (offset[(key_of(src[0]) >> shift) & 0xFF] == static_cast<uint32_t>(n)) continue;
+    uint32_t sum = 0;
+    for (int b = 0; b < 256; ++b) {
+      const uint32_t count = offset[b];
+      offset[b] = sum;
+      sum += count;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const T item = src[i];
+      dst[offset[(key_of(item) >> shift) & 0xFF]++] = item;
+    }
+    std::swap(src, dst);
+  }
+  if (src != a) std::memcpy(a, src, sizeof(T) * n);
+}
+
+// A sort item: the order-preserving key with the original position. For float32 both fit in
+// one uint64 (key in the high half), so a radix pass moves one word per item.
+template <typename F> struct Keyed;
+template <> struct Keyed<float> {
+  uint64_t bits;
+  static Keyed make(float x, uint32_t i) { return {(uint64_t(float_to_key(x)) << 32) | i}; }
+  uint64_t sort_key() const { return bits; }  // bytes 4..7
+  static constexpr int kFirstByte = 4;
+  static constexpr int kBytes = 4;
+  float value() const { return key_to_float<float>(uint32_t(bits >> 32)); }
+  uint32_t index() const { return uint32_t(bits); }
+};
+template <> struct Keyed<double> {
+  uint64_t key;
+  uint32_t idx;
+  static Keyed make(double x, uint32_t i) { return {float_to_key(x), i}; }
+  uint64_t sort_key() const { return key; }
+  static constexpr int kFirstByte = 0;
+  static constexpr int kBytes = 8;
+  double value() const { return key_to_float<double>(key); }
+  uint32_t index() const { return idx; }
+};
+
+template <typename F>
+void sort_keyed(Keyed<F>* a, Keyed<F>* tmp, int64_t n) {
+  radix_sort<Keyed<F>::kFirstByte, Keyed<F>::kBytes>(a, tmp, n, [](const Keyed<F>& v) { return v.sort_key(); });
+}
+
+template <typename F>
+void sort_keys(typename KeyOf<F>::type* a, typename KeyOf<F>::type* tmp, int64_t n) {
+  using K = typename KeyOf<F>::type;
+  radix_sort<0, sizeof(K)>(a, tmp, n, [](K k) { return k; });
+}
+
+}  // namespace fastloss

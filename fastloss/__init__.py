@@ -1,0 +1,19 @@
+"""fastloss: fused, fast, exactly-right perceptual losses for PyTorch.
+
+>>> import fastloss
+>>> loss = fastloss.pdl(pred_features, target_features)        # the op
+>>> criterion = fastloss.PDLLoss(extractor_weights="torchvision")  # the module on images
+>>> fastloss.backends()                                         # what can run here, and why
+
+Every functional op takes ``backend="auto"``; see ``fastloss._backend`` for the rules, and
+``python -m fastloss.info`` for a report to paste into a bug.
+"""
+import torch  # noqa: F401  (load libtorch before the extensions)
+
+from ._backend import BACKENDS, BackendError, backends, use_backend
+from .pdl import PDLLoss, pdl, pdl_reference
+
+__version__ = "0.1.0"
+
+__all__ = ["BACKENDS", "BackendError", "backends", "use_backend", "pdl", "pdl_reference", "PDLLoss",
+           "__version__"]

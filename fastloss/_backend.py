@@ -1,0 +1,161 @@
+"""Backend selection, shared by every op.
+
+Four backends, one name each:
+
+- ``reference``: plain PyTorch, any device, autograd through torch ops (the ground truth).
+- ``cpu``: the C++ extension ``fastloss._C`` (CPU tensors).
+- ``triton``: Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
+- ``cuda``: the CUDA C++ extension ``fastloss._C_cuda`` (CUDA tensors).
+
+``backend="auto"`` (every op's default) takes, in order, the ``fastloss.use_backend(name)``
+scope, then the ``FASTLOSS_BACKEND`` environment variable, then the first backend of
+``AUTO_ORDER[device.type]`` that can run the input. auto never fails because a build is
+missing: it falls back to ``reference`` and warns once, unless ``FASTLOSS_REQUIRE_EXT=1``
+(CI's proof that the extension was really built and used), which makes that fallback an error.
+A backend named explicitly that cannot run the input raises ``BackendError`` saying why.
+"""
+import contextlib
+import contextvars
+import os
+import threading
+import warnings
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_scope = contextvars.ContextVar("fastloss_backend", default=None)
+_warned = set()
+_warn_lock = threading.Lock()
+
+
+class BackendError(RuntimeError):
+    """A backend named explicitly cannot run this input (not built, wrong device, dtype)."""
+
+
+def _check_name(name, what):
+    if not isinstance(name, str) or (name not in BACKENDS and name != "auto"):
+        raise ValueError(f"{what}: unknown backend {name!r}; expected one of {('auto',) + BACKENDS}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Run the ops inside this scope on backend ``name`` unless a call names its own."""
+    token = _scope.set(_check_name(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _scope.reset(token)
+
+
+def requested(backend, op="fastloss"):
+    """The backend a call asks for: its keyword, else the scope, else FASTLOSS_BACKEND."""
+    _check_name(backend, f"{op}: backend")
+    if backend != "auto":
+        return backend
+    scoped = _scope.get()
+    if scoped is not None and scoped != "auto":
+        return scoped
+    env = os.environ.get("FASTLOSS_BACKEND", "").strip()
+    if env:
+        return _check_name(env, "FASTLOSS_BACKEND")
+    return "auto"
+
+
+def _triton_interpret():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_status():
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return False, f"triton is not installed ({e})"
+    if torch.cuda.is_available():
+        return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+    if _triton_interpret():
+        return True, f"triton {triton.__version__}, CPU tensors under TRITON_INTERPRET=1"
+    return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
+
+
+def status(name):
+    """``(available, reason)`` of one backend on this machine, whatever the input."""
+    if name == "reference":
+        return True, "plain PyTorch"
+    if name == "cpu":
+        mod, why = _ext.load("_C")
+        if mod is None:
+            return False, why
+        return True, f"fastloss._C ({mod.compiler}{', OpenMP' if mod.openmp else ''})"
+    if name == "triton":
+        return _triton_status()
+    if name == "cuda":
+        mod, why = _ext.load("_C_cuda")
+        if mod is None:
+            return False, why
+        if not torch.cuda.is_available():
+            return False, "fastloss._C_cuda is built but no CUDA device is available"
+        return True, "fastloss._C_cuda"
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def backends():
+    """Each backend's availability on this machine and why: ``{name: {"available", "reason"}}``."""
+    return {name: dict(zip(("available", "reason"), status(name))) for name in BACKENDS}
+
+
+def why_not(name, device, dtype, dtypes=FLOAT_DTYPES):
+    """Why backend ``name`` cannot run an input on ``device`` of ``dtype``; None if it can."""
+    ok, reason = status(name)
+    if not ok:
+        return reason
+    if name == "cpu" and device.type != "cpu":
+        return f"it takes CPU tensors, got a tensor on {device}"
+    if name == "cuda" and device.type != "cuda":
+        return f"it takes CUDA tensors, got a tensor on {device}"
+    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and _triton_interpret()):
+        return f"it takes CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got a tensor on {device}"
+    if dtype not in dtypes:
+        return f"it does not support {dtype} (supported: {', '.join(str(d) for d in dtypes)})"
+    return None
+
+
+def _warn_once(key, message):
+    with _warn_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+@torch.compiler.assume_constant_result  # torch.compile runs it once at trace time
+def resolve(op, backend, device, dtype, dtypes=None):
+    """The backend that runs this call of ``op``; see the module docstring for the rules.
+
+    ``dtypes`` maps a backend name to the dtypes it supports for this op (default: all floats).
+    """
+    dtypes = dtypes or {}
+    name = requested(backend, op)
+    if name != "auto":
+        reason = why_not(name, device, dtype, dtypes.get(name, FLOAT_DTYPES))
+        if reason is not None:
+            raise BackendError(f"{op}: backend {name!r} cannot run this input: {reason}")
+        return name
+    reasons = {}
+    for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+        reason = why_not(candidate, device, dtype, dtypes.get(candidate, FLOAT_DTYPES))
+        if reason is None:
+            if reasons:
+                detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
+                if os.environ.get("FASTLOSS_REQUIRE_EXT", "0") == "1" and not status("cpu")[0]:
+                    raise BackendError(f"{op}: FASTLOSS_REQUIRE_EXT=1 but the fast path cannot run ({detail})")
+                _warn_once((op, device.type, tuple(reasons.items())),
+                           f"{op}: falling back to backend {candidate!r} ({detail})")
+            return candidate
+        reasons[candidate] = reason
+    raise BackendError(f"{op}: no backend can run this input: {reasons}")  # pragma: no cover

@@ -1,0 +1,293 @@
+"""Frozen VGG feature extractors for perceptual losses, defined here (no torchvision needed).
+
+``VGG(arch, layers)`` runs ``x`` through the convolutional part of VGG16 or VGG19 up to the
+deepest requested layer and returns ``{layer_name: activation}`` in the order requested.
+``features`` is an ``nn.Sequential`` with exactly torchvision's indices, so torchvision
+state dicts (``features.0.weight``, ``features.0.bias``, ``features.2.weight``, ...) load as
+they are.
+
+Layer names, in network order (one Sequential index each):
+
+- vgg16: ``conv1_1 relu1_1 conv1_2 relu1_2 pool1  conv2_1 relu2_1 conv2_2 relu2_2 pool2
+  conv3_1 relu3_1 ... conv3_3 relu3_3 pool3  conv4_1 ... relu4_3 pool4  conv5_1 ... relu5_3 pool5``
+- vgg19: the same with four convs in blocks 3, 4 and 5 (``conv3_4``, ``relu4_4``, ``conv5_4``...).
+
+The models are frozen: parameters have ``requires_grad=False`` and the module stays in eval
+mode whatever ``.train()`` is asked (VGG has no dropout or batch norm in ``features``, so this
+only guards against surprises). Gradients still flow to the input.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Iterable, List, Mapping, Tuple, Union
+
+import torch
+from torch import nn
+
+__all__ = ["VGG", "vgg16", "vgg19", "layer_names", "TORCHVISION_CHECKPOINTS"]
+
+# torchvision's `cfgs["D"]` (vgg16) and `cfgs["E"]` (vgg19): output channels per conv, "M" = max pool.
+_CFGS: Dict[str, List[Union[int, str]]] = {
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+              512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+}
+
+# File names torch.hub gives torchvision's ImageNet weights (the suffix is a hash prefix).
+TORCHVISION_CHECKPOINTS: Dict[str, str] = {
+    "vgg16": "vgg16-397923af.pth",
+    "vgg19": "vgg19-dcbb9e9d.pth",
+}
+_TORCHVISION_URL = "https://download.pytorch.org/models/{}"
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+WeightsArg = Union[None, str, "os.PathLike[str]"]
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in _CFGS:
+        raise ValueError(f"VGG: unknown arch {arch!r}; expected one of {sorted(_CFGS)}")
+
+
+def _layout(arch: str) -> List[Tuple[str, str, int, int]]:
+    """[(name, kind, in_channels, out_channels)] per Sequential index; kind is conv|relu|pool."""
+    _check_arch(arch)
+    out: List[Tuple[str, str, int, int]] = []
+    block, conv, channels = 1, 0, 3
+    for v in _CFGS[arch]:
+        if v == "M":
+            out.append((f"pool{block}", "pool", channels, channels))
+            block, conv = block + 1, 0
+        else:
+            conv += 1
+            out.append((f"conv{block}_{conv}", "conv", channels, int(v)))
+            out.append((f"relu{block}_{conv}", "relu", int(v), int(v)))
+            channels = int(v)
+    return out
+
+
+def layer_names(arch: str = "vgg16") -> Tuple[str, ...]:
+    """All layer names of ``arch`` in network order; position i is ``features[i]``."""
+    return tuple(name for name, _, _, _ in _layout(arch))
+
+
+def _load_error_summary(e: Exception) -> str:
+    """The informative lines of a torch.load error, without its boilerplate."""
+    # torch's weights_only message opens by suggesting weights_only=False, which is exactly the
+    # advice not to follow for a file that failed here; keep only the lines saying what was wrong.
+    boilerplate = ("Weights only load failed", "Please", "Check the documentation")
+    lines = [ln.split(" Please ")[0].strip() for ln in str(e).splitlines()]
+    kept = [ln for ln in lines
+            if ln and not ln.startswith(boilerplate) and "weights_only" not in ln]
+    return " ".join(kept) if kept else "see the chained exception for details"
+
+
+def _load_state_dict_file(path: str) -> Mapping[str, object]:
+    """Read a state dict from ``path`` without ever executing code stored in the file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"VGG: weights file not found: weights={path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"VGG: weights={path!r} is a directory, expected a state dict file")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise ImportError(
+                f"VGG: weights={path!r} is a .safetensors file but the `safetensors` package is "
+                "not installed; install it (pip install safetensors) or save the state dict with "
+                "torch.save"
+            ) from e
+        try:
+            return load_file(path, device="cpu")
+        except Exception as e:  # safetensors raises its own SafetensorError on bad headers
+            raise ValueError(
+                f"VGG: could not read weights={path!r} as safetensors: {type(e).__name__}: {e}"
+            ) from e
+    try:
+        # weights_only=True: a pickle that names anything but tensors/containers is refused.
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"VGG: could not read weights={path!r} as a state dict saved with torch.save "
+            f"(read with weights_only=True, which refuses files that would run code): "
+            f"{type(e).__name__}: {_load_error_summary(e)}"
+        ) from e
+    if not isinstance(sd, Mapping):
+        raise ValueError(
+            f"VGG: weights={path!r} holds a {type(sd).__name__}, expected a state dict "
+            "(a dict of tensor name -> tensor)"
+        )
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        k = bad[0]
+        raise ValueError(
+            f"VGG: weights={path!r} is not a dict of tensors: key {k!r} holds a "
+            f"{type(sd[k]).__name__}" + (f" ({len(bad) - 1} more such keys)" if len(bad) > 1 else "")
+        )
+    return sd
+
+
+def _torchvision_path(arch: str) -> str:
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    fname = TORCHVISION_CHECKPOINTS[arch]
+    path = os.path.join(folder, fname)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"VGG: weights='torchvision' for {arch} looks only in the local torch hub cache and "
+            f"found no {fname} in {folder} (torch.hub.get_dir() is {torch.hub.get_dir()!r}; set "
+            f"TORCH_HOME to move it). Nothing is downloaded at run time. Provide the file by "
+            f"downloading {_TORCHVISION_URL.format(fname)} by hand into {folder}, or pass "
+            f"weights='/path/to/{fname}'"
+        )
+    return path
+
+
+class VGG(nn.Module):
+    """Frozen VGG16/VGG19 feature extractor returning ``{layer: activation}`` for ``layers``.
+
+    Args:
+        arch: ``"vgg16"`` or ``"vgg19"``.
+        layers: layer names such as ``"relu2_2"`` or ``("relu1_2", "relu3_3")``; see
+            :func:`layer_names` for the valid names of each arch. Only the layers up to the
+            deepest requested one are built and run.
+        weights: ``None`` for random init (torchvision's init scheme, deterministic given torch's
+            RNG; for speed tests only), a path (str or PathLike) to a torchvision-format state dict
+            saved with ``torch.save`` or as ``.safetensors``, or ``"torchvision"`` for the ImageNet
+            weights already in the local torch hub cache (``torch.hub.get_dir()/checkpoints``;
+            never downloaded). Keys other than ``features.*`` are ignored.
+        normalize: subtract the ImageNet mean and divide by its std (inputs expected in [0, 1]).
+
+    The module is frozen: parameters never require grad and it always stays in eval mode.
+    """
+
+    def __init__(
+        self,
+        arch: str = "vgg16",
+        layers: Union[str, Iterable[str]] = ("relu4_3",),
+        weights: WeightsArg = None,
+        normalize: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_arch(arch)
+        layout = _layout(arch)
+        index = {name: i for i, (name, _, _, _) in enumerate(layout)}
+
+        if isinstance(layers, str):
+            layers = (layers,)
+        requested = tuple(dict.fromkeys(layers))  # drop repeats, keep order
+        if not requested:
+            raise ValueError("VGG: layers is empty; ask for at least one layer, e.g. ('relu4_3',)")
+        unknown = [name for name in requested if name not in index]
+        if unknown:
+            raise ValueError(
+                f"VGG: unknown layer(s) {unknown} for {arch}; valid names are: "
+                + ", ".join(index)
+            )
+
+        self.arch = arch
+        self.layers: Tuple[str, ...] = requested
+        self.normalize = bool(normalize)
+        self._out_index = {index[name]: name for name in requested}
+        last = max(self._out_index)
+        self._deepest = layout[last][0]
+
+        modules: List[nn.Module] = []
+        for _, kind, cin, cout in layout[: last + 1]:
+            if kind == "conv":
+                conv = nn.Conv2d(cin, cout, kernel_size=3, padding=1)
+                nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
+                modules.append(conv)
+            elif kind == "relu":
+                # not in place: a requested conv output must survive the ReLU after it
+                modules.append(nn.ReLU(inplace=False))
+            else:
+                modules.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        self.features = nn.Sequential(*modules)
+
+        mean = torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+        if weights is not None:
+            self._load_weights(weights)
+
+        self.requires_grad_(False)
+        self.train(False)
+
+    def _load_weights(self, weights: WeightsArg) -> None:
+        if isinstance(weights, str) and weights == "torchvision":
+            path = _torchvision_path(self.arch)
+        elif isinstance(weights, (str, os.PathLike)):
+            path = os.fspath(weights)
+        else:
+            raise TypeError(
+                "VGG: weights must be None, 'torchvision' or a path (str or os.PathLike) to a "
+                f"state dict file, got {type(weights).__name__}"
+            )
+        sd = _load_state_dict_file(path)
+
+        own = self.features.state_dict()  # "0.weight" ... up to the deepest requested layer
+        problems = []
+        picked = {}
+        for key, param in own.items():
+            full = f"features.{key}"
+            if full not in sd:
+                problems.append(f"missing key {full} (expected shape {tuple(param.shape)})")
+                continue
+            t = sd[full]
+            if tuple(t.shape) != tuple(param.shape):
+                problems.append(
+                    f"key {full} has shape {tuple(t.shape)}, expected {tuple(param.shape)}"
+                )
+            elif not t.is_floating_point():
+                problems.append(f"key {full} has dtype {t.dtype}, expected a floating dtype")
+            else:
+                picked[key] = t
+        if problems:
+            raise ValueError(
+                f"VGG: weights={path!r} does not fit {self.arch} up to {self._deepest}: "
+                + "; ".join(problems)
+            )
+        self.features.load_state_dict(picked, strict=True)
+
+    def train(self, mode: bool = True) -> "VGG":
+        """Kept for the nn.Module API; the extractor is frozen and always stays in eval mode."""
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``{layer: features(x) at that layer}`` in requested order; x is [N, 3, H, W]."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"VGG: expected input of shape (N, 3, H, W), got {tuple(x.shape)}")
+        if self.normalize:
+            x = (x - self.mean) / self.std
+        found: Dict[str, torch.Tensor] = {}
+        for i, module in enumerate(self.features):
+            x = module(x)
+            if i in self._out_index:
+                found[self._out_index[i]] = x
+        return {name: found[name] for name in self.layers}
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch!r}, layers={self.layers}, normalize={self.normalize}"
+
+
+def vgg16(
+    layers: Union[str, Iterable[str]] = ("relu4_3",),
+    weights: WeightsArg = None,
+    normalize: bool = True,
+) -> VGG:
+    """Frozen VGG16 feature extractor; see :class:`VGG`."""
+    return VGG("vgg16", layers=layers, weights=weights, normalize=normalize)
+
+
+def vgg19(
+    layers: Union[str, Iterable[str]] = ("relu4_3",),
+    weights: WeightsArg = None,
+    normalize: bool = True,
+) -> VGG:
+    """Frozen VGG19 feature extractor; see :class:`VGG`."""
+    return VGG("vgg19", layers=layers, weights=weights, normalize=normalize)

@@ -1,0 +1,57 @@
+"""``python -m fastloss.info``: what was built, what can run here, and why. Paste it into bug reports."""
+import platform
+import shutil
+import subprocess
+import sys
+
+import torch
+
+import fastloss
+from fastloss import _backend, _ext
+
+
+def _tool_version(cmd):
+    exe = shutil.which(cmd[0])
+    if exe is None:
+        return "not found"
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"error: {e}"
+    return out[-1] if cmd[0] == "nvcc" and out else (out[0] if out else "unknown")
+
+
+def report():
+    """The report as a list of lines."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    ext, _ = _ext.load("_C")
+    lines = [
+        f"fastloss {fastloss.__version__}",
+        f"python {platform.python_version()} ({sys.executable})",
+        f"platform {platform.platform()}",
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}, cuda available: {torch.cuda.is_available()})",
+        f"torch threads {torch.get_num_threads()}",
+        f"triton {triton_version}",
+        f"C++ extension compiler {ext.compiler if ext else 'n/a (not built)'}",
+        f"host c++ {_tool_version(['c++', '--version'])}",
+        f"nvcc {_tool_version(['nvcc', '--version'])}",
+        "",
+        "backends:",
+    ]
+    for name, info in _backend.backends().items():
+        lines.append(f"  {name:<10} {'yes' if info['available'] else 'no ':<4} {info['reason']}")
+    lines.append("auto order: " + "; ".join(f"{dev}: {' -> '.join(order)}" for dev, order in _backend.AUTO_ORDER.items()))
+    return lines
+
+
+def main():
+    print("\n".join(report()))
+
+
+if __name__ == "__main__":
+    main()

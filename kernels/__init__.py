@@ -1,0 +1,1 @@
+"""Triton kernels of fastloss, installed as ``fastloss.kernels``."""

@@ -1,0 +1,259 @@
+"""Parity of every PDL backend with the plain-PyTorch reference, and its contract."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fastloss
+from fastloss import _backend, _ext
+from fastloss.pdl import _pdl_forward, pdl_reference
+
+from conftest import requires_cpu_ext
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def _inputs(shape, dtype=torch.float32, kind="randn", layout="contiguous"):
+    x = torch.randn(shape, dtype=torch.float64)
+    y = torch.randn(shape, dtype=torch.float64) * 1.5 + 0.3
+    if kind == "ties":  # ReLU features: many exact zeros, and repeated values
+        x, y = x.relu(), (y - 0.5).relu().round()
+    x, y = x.to(dtype), y.to(dtype)
+    if layout == "channels_last":
+        x, y = x.contiguous(memory_format=torch.channels_last), y.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":  # non-contiguous, and flatten(2) has to copy
+        x, y = x.transpose(-1, -2), y.transpose(-1, -2)
+    elif layout == "sliced":  # non-contiguous view with a channel stride gap
+        x, y = x[:, ::2], y[:, ::2]
+    return x, y
+
+
+SHAPES = [
+    ((2, 3, 1), "randn", "contiguous"),          # N = 1
+    ((2, 4, 5, 7), "randn", "contiguous"),       # N = 35, not a power of two
+    ((3, 1, 17), "randn", "contiguous"),         # C = 1
+    ((2, 5, 9, 11), "ties", "contiguous"),       # ties
+    ((2, 6, 6, 5), "randn", "channels_last"),
+    ((2, 3, 4, 6), "randn", "transposed"),
+    ((2, 8, 3, 5), "ties", "sliced"),
+    ((1, 2, 128, 128), "randn", "contiguous"),   # N = 128 x 128
+    ((2, 3, 300), "randn", "contiguous"),        # long enough for the radix passes
+]
+
+
+def _check(backend, shape, kind, layout, dtype, p, reduction, target_grad):
+    x, y = _inputs(shape, dtype, kind, layout)
+    x1, y1 = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_(target_grad)
+    x2, y2 = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_(target_grad)
+    out = fastloss.pdl(x1, y1, p=p, reduction=reduction, backend=backend)
+    ref = pdl_reference(x2, y2, p=p, reduction=reduction)
+    assert out.dtype == ref.dtype == dtype and out.shape == ref.shape
+    tol = TOL[dtype]
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    g = torch.rand_like(ref) + 0.5  # an upstream gradient that is not 1
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=tol, atol=tol)
+    if target_grad:
+        torch.testing.assert_close(y1.grad, y2.grad, rtol=tol, atol=tol)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("shape,kind,layout", SHAPES, ids=[f"{s}-{k}-{l}" for s, k, l in SHAPES])
+@pytest.mark.parametrize("p", [1, 2])
+def test_cpu_parity_float32(shape, kind, layout, p):
+    for reduction, target_grad in (("mean", False), ("none", True), ("sum", True)):
+        _check("cpu", shape, kind, layout, torch.float32, p, reduction, target_grad)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("p", [1, 2])
+def test_cpu_parity_dtypes(dtype, p):
+    for shape, kind, layout in SHAPES[:7]:
+        _check("cpu", shape, kind, layout, dtype, p, "none", True)
+
+
+@requires_cpu_ext
+def test_cpu_permutation_is_stable_argsort_with_ties():
+    x = torch.tensor([[[0.0, -0.0, 2.0, 0.0, -1.0, 2.0, float("inf"), -float("inf")]]])
+    y = torch.randn_like(x)
+    _, perm, _, sign = _pdl_forward(x, y, 1, False, "cpu")
+    assert perm.dtype == torch.int32 and sign.dtype == torch.int8
+    assert torch.equal(perm.long(), torch.sort(x, dim=-1, stable=True).indices)
+
+
+@requires_cpu_ext
+def test_cpu_saves_int32_permutation_and_one_small_value_per_element():
+    x = torch.randn(2, 3, 40, requires_grad=True)
+    y = torch.randn(2, 3, 40)
+    for p, per_rank in ((1, torch.int8), (2, torch.float32)):
+        saved = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fastloss.pdl(x, y, p=p, backend="cpu")
+        big = sorted((t.dtype for t in saved if t.numel() == x.numel()), key=str)
+        assert big == sorted([torch.int32, per_rank], key=str), big
+        assert not any(t.dtype == torch.int64 and t.numel() >= x.numel() for t in saved)
+
+
+@requires_cpu_ext
+def test_cpu_gradcheck_float64():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    for p in (1, 2):
+        assert torch.autograd.gradcheck(lambda a, b: fastloss.pdl(a, b, p=p, reduction="none", backend="cpu"),
+                                        (x, y), eps=1e-6, atol=1e-6)
+
+
+@requires_cpu_ext
+def test_opcheck():
+    for p, tg in ((1, False), (2, True)):
+        x = torch.randn(2, 3, 7, requires_grad=True)
+        y = torch.randn(2, 3, 7, requires_grad=tg)
+        torch.library.opcheck(_pdl_forward, (x, y, p, tg, "cpu"))
+
+
+@requires_cpu_ext
+def test_torch_compile_fullgraph_matches_eager():
+    def step(a, b):
+        return fastloss.pdl(a.relu(), b, p=1) * 2.0
+
+    compiled = torch.compile(step, fullgraph=True)
+    x = torch.randn(2, 3, 6, 5)
+    y = torch.randn(2, 3, 6, 5)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_c, out_e = compiled(xa, y), step(xb, y)
+    torch.testing.assert_close(out_c, out_e)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+
+
+@requires_cpu_ext
+def test_double_backward_raises_clear_error():
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    y = torch.randn(2, 3, 8)
+    loss = fastloss.pdl(x, y, backend="cpu")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_non_finite_input_gives_non_finite_loss(backend):
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(2, 3, 10)
+        y = torch.randn(2, 3, 10)
+        x[1, 2, 3] = bad
+        out = fastloss.pdl(x, y, reduction="none", backend=backend)
+        assert torch.isfinite(out[0]) and not torch.isfinite(out[1])
+        y[1, 2, 4] = bad  # the same non-finite value on both sides must not cancel to a finite number
+        assert not torch.isfinite(fastloss.pdl(x, y, backend=backend))
+
+
+# ------------------------------------------------------------------------- bad input
+_x = torch.randn(2, 3, 4, 4)
+BAD = [
+    ((_x, torch.randn(2, 3, 4, 5)), {}, ValueError, r"shapes differ: \(2, 3, 4, 4\) vs \(2, 3, 4, 5\)"),
+    ((torch.randn(2, 3), torch.randn(2, 3)), {}, ValueError, "at least 3 dims"),
+    ((_x.int(), _x.int()), {}, TypeError, "pred must be a floating-point tensor, got dtype torch.int32"),
+    ((_x, _x.bool()), {}, TypeError, "target must be a floating-point"),
+    ((_x.to(torch.complex64), _x.to(torch.complex64)), {}, TypeError, "complex64"),
+    ((_x, _x.double()), {}, TypeError, "dtypes differ"),
+    ((_x, _x.to("meta")), {}, ValueError, "different devices"),
+    ((torch.randn(0, 3, 4), torch.randn(0, 3, 4)), {}, ValueError, "empty"),
+    ((_x, _x), {"p": 3}, ValueError, "p must be 1 or 2, got 3"),
+    ((_x, _x), {"p": True}, ValueError, "p must be 1 or 2"),
+    ((_x, _x), {"reduction": "max"}, ValueError, "reduction must be one of .* got 'max'"),
+    ((_x, _x), {"backend": "gpu"}, ValueError, "unknown backend 'gpu'"),
+    ((_x.numpy(), _x), {}, TypeError, "pred must be a torch.Tensor, got ndarray"),
+]
+
+
+@pytest.mark.parametrize("args,kwargs,exc,match", BAD, ids=[b[3][:30] for b in BAD])
+def test_bad_input_errors(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fastloss.pdl(*args, **kwargs)
+
+
+def test_explicit_backend_that_cannot_run_says_why():
+    with pytest.raises(fastloss.BackendError, match="backend 'cuda' cannot run this input: .*not built|no CUDA"):
+        fastloss.pdl(_x, _x, backend="cuda")
+    if _backend.status("cpu")[0]:
+        with pytest.raises(fastloss.BackendError, match="takes CPU tensors, got a tensor on meta"):
+            fastloss.pdl(_x.to("meta"), _x.to("meta"), backend="cpu")
+
+
+# ------------------------------------------------------------------------- dispatch
+@requires_cpu_ext
+def test_auto_picks_cpu_and_scopes_override(monkeypatch):
+    calls = []
+    real = _backend.resolve
+
+    def spy(*a, **k):
+        calls.append(real(*a, **k))
+        return calls[-1]
+
+    monkeypatch.setattr(_backend, "resolve", spy)
+    monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
+    fastloss.pdl(_x, _x)
+    with fastloss.use_backend("reference"):
+        fastloss.pdl(_x, _x)
+        fastloss.pdl(_x, _x, backend="cpu")  # an explicit keyword wins over the scope
+    monkeypatch.setenv("FASTLOSS_BACKEND", "reference")
+    fastloss.pdl(_x, _x)
+    assert calls == ["cpu", "reference", "cpu", "reference"]
+    monkeypatch.setenv("FASTLOSS_BACKEND", "nope")
+    with pytest.raises(ValueError, match="FASTLOSS_BACKEND: unknown backend 'nope'"):
+        fastloss.pdl(_x, _x)
+    with pytest.raises(ValueError, match="unknown backend"):
+        with fastloss.use_backend("fast"):
+            pass
+
+
+def test_auto_falls_back_to_reference_and_warns_once(monkeypatch):
+    monkeypatch.setitem(_ext._cache, "_C", (None, "fastloss._C is not built (simulated)"))
+    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.delenv("FASTLOSS_REQUIRE_EXT", raising=False)
+    monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
+    with pytest.warns(RuntimeWarning, match="falling back to backend 'reference'.*simulated"):
+        out = fastloss.pdl(_x, _x * 2)
+    torch.testing.assert_close(out, pdl_reference(_x, _x * 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastloss.pdl(_x, _x * 2)  # warned once only
+    with pytest.raises(fastloss.BackendError, match="not built"):
+        fastloss.pdl(_x, _x, backend="cpu")
+    monkeypatch.setenv("FASTLOSS_REQUIRE_EXT", "1")
+    with pytest.raises(fastloss.BackendError, match="FASTLOSS_REQUIRE_EXT=1"):
+        fastloss.pdl(_x, _x)
+
+
+def test_backends_report_every_backend():
+    info = fastloss.backends()
+    assert set(info) == {"reference", "cpu", "triton", "cuda"}
+    assert info["reference"]["available"] is True
+    for v in info.values():
+        assert isinstance(v["available"], bool) and v["reason"]
+
+
+def test_require_ext_means_cpu_extension_is_used():
+    # CI runs with FASTLOSS_REQUIRE_EXT=1: prove that auto really takes the C++ path there.
+    if os.environ.get("FASTLOSS_REQUIRE_EXT", "0") != "1":
+        pytest.skip("FASTLOSS_REQUIRE_EXT is not set")
+    assert _backend.resolve("pdl", "auto", torch.device("cpu"), torch.float32) == "cpu"
+
+
+def test_info_module_runs():
+    out = subprocess.run([sys.executable, "-m", "fastloss.info"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for word in ("torch", "triton", "reference", "cpu", "cuda"):
+        assert word in out.stdout
