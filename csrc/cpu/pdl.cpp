@@ -86,33 +86,53 @@ std::vector<at::Tensor> pdl_forward(const at::Tensor& pred, const at::Tensor& ta
           for (int64_t i = 0; i < N; ++i) s.tkeys[i] = float_to_key<acc_t>(load<acc_t>(yr, i, tsn));
           sort_keys<acc_t>(s.tkeys.data(), s.ktmp.data(), N);
         }
-        auto target_value = [&](int64_t i) {
-          return target_grad ? s.target[i].value() : key_to_float<acc_t>(s.tkeys[i]);
-        };
-
+        // Rank-order pass: d = sorted pred - sorted target. kLanes partial sums keep the
+        // accumulation vectorisable (a single running sum would serialise on its latency).
+        constexpr int kLanes = 8;
+        double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
         int32_t* perm_row = perm_ptr + r * N;
-        double total = 0.0;
-        if (p == 1) {
-          int8_t* sign_row = sign_ptr + r * N;
-          for (int64_t i = 0; i < N; ++i) {
-            const acc_t d = s.pred[i].value() - target_value(i);
-            total += std::abs(d);
-            sign_row[i] = static_cast<int8_t>((d > 0) - (d < 0));
-            perm_row[i] = static_cast<int32_t>(s.pred[i].index());
+        const Keyed<acc_t>* ps = s.pred.data();
+        auto rank_pass = [&](auto&& target_value, auto&& per_rank) {
+          int64_t i = 0;
+          for (; i + kLanes <= N; i += kLanes) {
+            for (int j = 0; j < kLanes; ++j) {
+              const acc_t d = ps[i + j].value() - target_value(i + j);
+              lanes[j] += per_rank(i + j, d);
+              perm_row[i + j] = static_cast<int32_t>(ps[i + j].index());
+            }
           }
-        } else {
-          acc_t* d2_row = d2_ptr + r * N;
-          for (int64_t i = 0; i < N; ++i) {
-            const acc_t d = s.pred[i].value() - target_value(i);
-            total += static_cast<double>(d) * d;
-            d2_row[i] = acc_t(2) * d;
-            perm_row[i] = static_cast<int32_t>(s.pred[i].index());
+          for (; i < N; ++i) {
+            const acc_t d = ps[i].value() - target_value(i);
+            lanes[0] += per_rank(i, d);
+            perm_row[i] = static_cast<int32_t>(ps[i].index());
           }
-        }
+        };
+        auto run = [&](auto&& target_value) {
+          if (p == 1) {
+            int8_t* sign_row = sign_ptr + r * N;
+            rank_pass(target_value, [&](int64_t i, acc_t d) {
+              sign_row[i] = static_cast<int8_t>((d > 0) - (d < 0));
+              return static_cast<double>(std::abs(d));
+            });
+          } else {
+            acc_t* d2_row = d2_ptr + r * N;
+            rank_pass(target_value, [&](int64_t i, acc_t d) {
+              d2_row[i] = acc_t(2) * d;
+              return static_cast<double>(d) * static_cast<double>(d);
+            });
+          }
+        };
         if (target_grad) {
+          const Keyed<acc_t>* ts = s.target.data();
+          run([&](int64_t i) { return ts[i].value(); });
           int32_t* pt_row = perm_t_ptr + r * N;
-          for (int64_t i = 0; i < N; ++i) pt_row[i] = static_cast<int32_t>(s.target[i].index());
+          for (int64_t i = 0; i < N; ++i) pt_row[i] = static_cast<int32_t>(ts[i].index());
+        } else {
+          const auto* tk = s.tkeys.data();
+          run([&](int64_t i) { return key_to_float<acc_t>(tk[i]); });
         }
+        double total = 0.0;
+        for (int j = 0; j < kLanes; ++j) total += lanes[j];
         w_ptr[r] = static_cast<acc_t>(total / static_cast<double>(N));
       }
     });

@@ -16,28 +16,28 @@ template <typename F> struct KeyOf;
 template <> struct KeyOf<float> { using type = uint32_t; };
 template <> struct KeyOf<double> { using type = uint64_t; };
 
+// Both transforms are branch-free (select, not jump): ReLU features are half exact zeros in
+// random places, and a branch on the value would mispredict on every other element.
 template <typename F>
 inline typename KeyOf<F>::type float_to_key(F x) {
   using K = typename KeyOf<F>::type;
-  constexpr int kBits = sizeof(K) * 8;
-  if (x == F(0)) x = F(0);  // -0.0 -> +0.0
-  K bits;
-  if (x != x) {             // any NaN -> the positive quiet NaN, which sorts last
-    F nan = std::numeric_limits<F>::quiet_NaN();
-    std::memcpy(&bits, &nan, sizeof(K));
-  } else {
-    std::memcpy(&bits, &x, sizeof(K));
-  }
-  const K sign = K(1) << (kBits - 1);
-  return (bits & sign) ? ~bits : (bits | sign);
+  constexpr K kSign = K(1) << (sizeof(K) * 8 - 1);
+  const F nan = std::numeric_limits<F>::quiet_NaN();
+  K bits, nan_bits;
+  std::memcpy(&bits, &x, sizeof(K));
+  std::memcpy(&nan_bits, &nan, sizeof(K));
+  bits = (x == F(0)) ? K(0) : bits;    // -0.0 -> +0.0
+  bits = (x != x) ? nan_bits : bits;   // any NaN -> the positive quiet NaN, which sorts last
+  const K mask = K(0) - (bits >> (sizeof(K) * 8 - 1));  // all ones for negatives
+  return bits ^ (mask | kSign);
 }
 
 template <typename F>
 inline F key_to_float(typename KeyOf<F>::type key) {
   using K = typename KeyOf<F>::type;
-  constexpr int kBits = sizeof(K) * 8;
-  const K sign = K(1) << (kBits - 1);
-  K bits = (key & sign) ? (key & ~sign) : ~key;
+  constexpr K kSign = K(1) << (sizeof(K) * 8 - 1);
+  const K mask = (key >> (sizeof(K) * 8 - 1)) - K(1);  // all ones for negatives (top bit clear)
+  const K bits = key ^ (mask | kSign);
   F x;
   std::memcpy(&x, &bits, sizeof(K));
   return x;

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create ./.venv (once), install the dev requirements, and build fastloss's C++ extension in
+# place with `pip install -e . --no-build-isolation` (so the torch already installed is the
+# one compiled against). Rebuilds only when csrc/ or setup.py changed since the last build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+req_stamp=.venv/.fastloss-req-$(sha256sum requirements-dev.txt | cut -c1-16)
+if [ ! -f "$req_stamp" ]; then
+  python -m pip install -q --upgrade pip
+  python -m pip install -q -r requirements-dev.txt
+  touch "$req_stamp"
+fi
+src_hash=$(cat setup.py $(find csrc -type f | sort) | sha256sum | cut -c1-16)
+if [ "$(cat .venv/.fastloss-build 2>/dev/null || true)" != "$src_hash" ] || ! python -c "import torch, fastloss._C" 2>/dev/null; then
+  echo "building fastloss (C++ CPU extension)..." >&2
+  python -m pip install -q -e . --no-build-isolation --no-deps
+  echo "$src_hash" > .venv/.fastloss-build
+fi
