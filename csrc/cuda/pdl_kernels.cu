@@ -1,0 +1,316 @@
+// PDL (projected distribution loss) on CUDA: launchers for the kernels in pdl_kernels.cuh.
+// Same contract as csrc/cpu/pdl.cpp. Per row r = (b, c) of pred, target [B, C, N]:
+//
+//   W[r] = (1/N) sum_i |sort(pred[r])_i - sort(target[r])_i|^p,   p in {1, 2}
+//   d = sorted pred - sorted target (by rank);  saved deriv: p=1 int8 sign(d), p=2 2*d
+//   grad_pred[r, perm[r,i]] = g[r] deriv[r,i] / N,   grad_target[r, perm_t[r,i]] = -g[r] deriv[r,i] / N
+//
+// Sorting is a stable argsort on order-preserving unsigned keys (-0.0 == +0.0, NaN last), so ties
+// keep their original order, like the CPU op. Where the sort runs depends on N:
+//   N <= PDL_BLOCK_SORT_MAX_N (4096): one thread block per row, cub::BlockRadixSort of keys with
+//     int32 positions (the smallest of 128x1, 128x2, 128x4, 256x4, 256x8, 512x8 threads x items
+//     that holds N; the tail padded with an all-ones key), and the difference, |d|^p, deriv and
+//     the block reduction to W in the same kernel: one launch, nothing but the outputs in memory.
+//   N > 4096: keys + positions into a workspace, cub::DeviceSegmentedRadixSort::SortPairs (one
+//     segment per row; perm / perm_t are its value outputs), then one fused kernel for the
+//     difference, deriv and W. Rows go in chunks of <= 2^25 elements (cub counts items in int),
+//     which also bounds the workspace (pdl_forward_workspace_bytes).
+// Backward is one scatter kernel over (row, rank).
+#include "cuda/pdl_kernels.cuh"
+#include "cuda/pdl_launch.h"
+
+#include <cub/device/device_segmented_radix_sort.cuh>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+
+namespace fastloss {
+namespace {
+
+using pdl::AccOf;
+using pdl::KeyOf;
+
+constexpr int64_t MAX_GRID = INT_MAX;                      // gridDim.x limit
+constexpr int64_t SEGMENTED_CHUNK_ELEMENTS = int64_t(1) << 25;  // ~0.8 GB of float32 workspace
+constexpr int SEGMENTED_BLOCK_THREADS = 256;
+constexpr int ELEMENTWISE_BLOCK_THREADS = 256;
+constexpr int64_t ELEMENTWISE_MAX_GRID = int64_t(1) << 20;  // grid-stride loops beyond this
+constexpr size_t WORKSPACE_ALIGN = 256;
+static_assert(512 * 8 == PDL_BLOCK_SORT_MAX_N, "the largest block-sort tile must be PDL_BLOCK_SORT_MAX_N");
+
+PdlStatus make_status(cudaError_t code, const char* where) {
+  PdlStatus s;
+  s.code = static_cast<int>(code);
+  s.where = where;
+  s.message = cudaGetErrorString(code);
+  return s;
+}
+
+#define PDL_RETURN_IF_ERROR(expr, where)                          \
+  do {                                                            \
+    const cudaError_t pdl_err_ = (expr);                          \
+    if (pdl_err_ != cudaSuccess) return make_status(pdl_err_, where); \
+  } while (0)
+
+// Makes `device` current for the launcher's scope (the binding has no c10::cuda device guard).
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) {
+    error_ = cudaGetDevice(&previous_);
+    if (error_ == cudaSuccess && previous_ != device) {
+      error_ = cudaSetDevice(device);
+      restore_ = error_ == cudaSuccess;
+    }
+  }
+  ~DeviceScope() {
+    if (restore_) cudaSetDevice(previous_);
+  }
+  cudaError_t error() const { return error_; }
+
+ private:
+  int previous_ = 0;
+  bool restore_ = false;
+  cudaError_t error_ = cudaSuccess;
+};
+
+template <typename T> struct TypeTag { using type = T; };
+
+template <typename F>
+PdlStatus dispatch_dtype(PdlDtype dtype, F&& f) {
+  switch (dtype) {
+    case PdlDtype::kFloat32: return f(TypeTag<float>{});
+    case PdlDtype::kFloat64: return f(TypeTag<double>{});
+    case PdlDtype::kFloat16: return f(TypeTag<__half>{});
+    case PdlDtype::kBFloat16: return f(TypeTag<__nv_bfloat16>{});
+  }
+  return make_status(cudaErrorInvalidValue, "pdl: unknown dtype");
+}
+
+PdlStatus check_forward_params(const PdlForwardParams& params) {
+  if (params.B < 0 || params.C < 0 || params.N < 1 || params.N > INT32_MAX)
+    return make_status(cudaErrorInvalidValue, "pdl_forward_cuda: B, C must be >= 0 and N in [1, 2^31)");
+  if (params.p != 1 && params.p != 2) return make_status(cudaErrorInvalidValue, "pdl_forward_cuda: p must be 1 or 2");
+  return {};
+}
+
+// ---- N <= PDL_BLOCK_SORT_MAX_N: one fused kernel -------------------------------------------------
+
+template <typename scalar_t, int BLOCK_THREADS, int ITEMS_PER_THREAD>
+PdlStatus launch_block_forward(const PdlForwardParams& params, cudaStream_t stream) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const int64_t rows = params.B * params.C;
+  const int grid = static_cast<int>(std::min(rows, MAX_GRID));
+  pdl::pdl_block_forward_kernel<scalar_t, BLOCK_THREADS, ITEMS_PER_THREAD><<<grid, BLOCK_THREADS, 0, stream>>>(
+      static_cast<const scalar_t*>(params.pred_ptr), params.pred_b_stride, params.pred_c_stride,
+      params.pred_n_stride, static_cast<const scalar_t*>(params.target_ptr), params.target_b_stride,
+      params.target_c_stride, params.target_n_stride, static_cast<acc_t*>(params.w_ptr), params.perm_ptr,
+      params.perm_t_ptr, params.p == 1 ? static_cast<int8_t*>(params.deriv_ptr) : nullptr,
+      params.p == 2 ? static_cast<acc_t*>(params.deriv_ptr) : nullptr, rows, params.C, static_cast<int>(params.N));
+  PDL_RETURN_IF_ERROR(cudaGetLastError(), "pdl block-sort forward kernel launch");
+  return {};
+}
+
+template <typename scalar_t>
+PdlStatus block_forward(const PdlForwardParams& params, cudaStream_t stream) {
+  const int64_t N = params.N;
+  if (N <= 128) return launch_block_forward<scalar_t, 128, 1>(params, stream);
+  if (N <= 256) return launch_block_forward<scalar_t, 128, 2>(params, stream);
+  if (N <= 512) return launch_block_forward<scalar_t, 128, 4>(params, stream);
+  if (N <= 1024) return launch_block_forward<scalar_t, 256, 4>(params, stream);
+  if (N <= 2048) return launch_block_forward<scalar_t, 256, 8>(params, stream);
+  return launch_block_forward<scalar_t, 512, 8>(params, stream);
+}
+
+// ---- N > PDL_BLOCK_SORT_MAX_N: segmented sort, then a fused kernel ----------------------------------
+
+size_t align_up(size_t bytes) { return (bytes + WORKSPACE_ALIGN - 1) / WORKSPACE_ALIGN * WORKSPACE_ALIGN; }
+
+// Byte offsets into the workspace, for chunks of chunk_rows rows. keys_a holds the pred keys and,
+// once pred is sorted, receives the sorted target keys.
+struct SegmentedLayout {
+  int64_t chunk_rows = 0;
+  size_t keys_a = 0, keys_b = 0, pred_sorted = 0, positions = 0, offsets = 0, cub_temp = 0;
+  size_t cub_temp_bytes = 0, total_bytes = 0;
+};
+
+template <typename key_t>
+cudaError_t cub_sort_bytes(int64_t chunk_rows, int64_t N, bool target_grad, size_t* bytes) {
+  const int items = static_cast<int>(chunk_rows * N);
+  const int segments = static_cast<int>(chunk_rows);
+  const int32_t* offsets = nullptr;
+  size_t pairs_bytes = 0, keys_bytes = 0;
+  cudaError_t err = cub::DeviceSegmentedRadixSort::SortPairs(
+      nullptr, pairs_bytes, static_cast<const key_t*>(nullptr), static_cast<key_t*>(nullptr),
+      static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), items, segments, offsets, offsets + 1);
+  if (err != cudaSuccess) return err;
+  if (!target_grad) {
+    err = cub::DeviceSegmentedRadixSort::SortKeys(nullptr, keys_bytes, static_cast<const key_t*>(nullptr),
+                                                  static_cast<key_t*>(nullptr), items, segments, offsets,
+                                                  offsets + 1);
+    if (err != cudaSuccess) return err;
+  }
+  *bytes = std::max(pairs_bytes, keys_bytes);
+  return cudaSuccess;
+}
+
+template <typename key_t>
+cudaError_t segmented_layout(const PdlForwardParams& params, SegmentedLayout* layout) {
+  const int64_t rows = params.B * params.C, N = params.N;
+  int64_t chunk_rows = std::max<int64_t>(1, SEGMENTED_CHUNK_ELEMENTS / N);
+  chunk_rows = std::min<int64_t>(chunk_rows, INT32_MAX / N);  // >= 1 since N < 2^31
+  chunk_rows = std::max<int64_t>(1, std::min(chunk_rows, rows));
+  const size_t elements = static_cast<size_t>(chunk_rows * N);
+  SegmentedLayout l;
+  l.chunk_rows = chunk_rows;
+  cudaError_t err = cub_sort_bytes<key_t>(chunk_rows, N, params.perm_t_ptr != nullptr, &l.cub_temp_bytes);
+  if (err != cudaSuccess) return err;
+  size_t at = 0;
+  auto take = [&](size_t bytes) {
+    const size_t start = at;
+    at = align_up(at + bytes);
+    return start;
+  };
+  l.keys_a = take(elements * sizeof(key_t));
+  l.keys_b = take(elements * sizeof(key_t));
+  l.pred_sorted = take(elements * sizeof(key_t));
+  l.positions = take(elements * sizeof(int32_t));
+  l.offsets = take(static_cast<size_t>(chunk_rows + 1) * sizeof(int32_t));
+  l.cub_temp = take(l.cub_temp_bytes);
+  l.total_bytes = at;
+  *layout = l;
+  return cudaSuccess;
+}
+
+template <typename scalar_t>
+PdlStatus segmented_forward(const PdlForwardParams& params, cudaStream_t stream) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  using key_t = typename KeyOf<acc_t>::type;
+  SegmentedLayout layout;
+  PDL_RETURN_IF_ERROR(segmented_layout<key_t>(params, &layout), "cub::DeviceSegmentedRadixSort temp-storage query");
+  if (params.workspace_ptr == nullptr || params.workspace_bytes < layout.total_bytes)
+    return make_status(cudaErrorInvalidValue, "pdl_forward_cuda: workspace smaller than pdl_forward_workspace_bytes()");
+
+  char* workspace = static_cast<char*>(params.workspace_ptr);
+  key_t* keys_a = reinterpret_cast<key_t*>(workspace + layout.keys_a);            // [chunk, N]
+  key_t* keys_b = reinterpret_cast<key_t*>(workspace + layout.keys_b);            // [chunk, N]
+  key_t* pred_sorted = reinterpret_cast<key_t*>(workspace + layout.pred_sorted);  // [chunk, N]
+  int32_t* positions = reinterpret_cast<int32_t*>(workspace + layout.positions);  // [chunk, N]
+  int32_t* offsets = reinterpret_cast<int32_t*>(workspace + layout.offsets);      // [chunk + 1]
+  void* cub_temp = workspace + layout.cub_temp;
+
+  const int64_t rows = params.B * params.C, N = params.N;
+  acc_t* w_ptr = static_cast<acc_t*>(params.w_ptr);
+  int8_t* sign_ptr = params.p == 1 ? static_cast<int8_t*>(params.deriv_ptr) : nullptr;
+  acc_t* d2_ptr = params.p == 2 ? static_cast<acc_t*>(params.deriv_ptr) : nullptr;
+  constexpr int end_bit = static_cast<int>(sizeof(key_t) * 8);
+
+  for (int64_t row_begin = 0; row_begin < rows; row_begin += layout.chunk_rows) {
+    const int64_t chunk_rows = std::min(layout.chunk_rows, rows - row_begin);
+    const int64_t elements = chunk_rows * N;
+    const int items = static_cast<int>(elements), segments = static_cast<int>(chunk_rows);
+
+    const int64_t key_grid = std::min(ELEMENTWISE_MAX_GRID,
+                                      (elements + ELEMENTWISE_BLOCK_THREADS - 1) / ELEMENTWISE_BLOCK_THREADS);
+    pdl::pdl_make_keys_kernel<scalar_t><<<static_cast<int>(key_grid), ELEMENTWISE_BLOCK_THREADS, 0, stream>>>(
+        static_cast<const scalar_t*>(params.pred_ptr), params.pred_b_stride, params.pred_c_stride,
+        params.pred_n_stride, static_cast<const scalar_t*>(params.target_ptr), params.target_b_stride,
+        params.target_c_stride, params.target_n_stride, keys_a, keys_b, positions, offsets, row_begin, chunk_rows,
+        params.C, N);
+    PDL_RETURN_IF_ERROR(cudaGetLastError(), "pdl make-keys kernel launch");
+
+    size_t temp_bytes = layout.cub_temp_bytes;
+    PDL_RETURN_IF_ERROR(cub::DeviceSegmentedRadixSort::SortPairs(
+                            cub_temp, temp_bytes, static_cast<const key_t*>(keys_a), pred_sorted,
+                            static_cast<const int32_t*>(positions), params.perm_ptr + row_begin * N, items,
+                            segments, static_cast<const int32_t*>(offsets),
+                            static_cast<const int32_t*>(offsets) + 1, 0, end_bit, stream),
+                        "cub::DeviceSegmentedRadixSort::SortPairs (pred rows)");
+    temp_bytes = layout.cub_temp_bytes;
+    if (params.perm_t_ptr != nullptr) {
+      PDL_RETURN_IF_ERROR(cub::DeviceSegmentedRadixSort::SortPairs(
+                              cub_temp, temp_bytes, static_cast<const key_t*>(keys_b), keys_a,
+                              static_cast<const int32_t*>(positions), params.perm_t_ptr + row_begin * N, items,
+                              segments, static_cast<const int32_t*>(offsets),
+                              static_cast<const int32_t*>(offsets) + 1, 0, end_bit, stream),
+                          "cub::DeviceSegmentedRadixSort::SortPairs (target rows)");
+    } else {
+      PDL_RETURN_IF_ERROR(cub::DeviceSegmentedRadixSort::SortKeys(
+                              cub_temp, temp_bytes, static_cast<const key_t*>(keys_b), keys_a, items, segments,
+                              static_cast<const int32_t*>(offsets), static_cast<const int32_t*>(offsets) + 1, 0,
+                              end_bit, stream),
+                          "cub::DeviceSegmentedRadixSort::SortKeys (target rows)");
+    }
+
+    pdl::pdl_sorted_rows_kernel<acc_t, SEGMENTED_BLOCK_THREADS>
+        <<<static_cast<int>(chunk_rows), SEGMENTED_BLOCK_THREADS, 0, stream>>>(pred_sorted, keys_a, w_ptr, sign_ptr,
+                                                                                d2_ptr, row_begin, chunk_rows, N);
+    PDL_RETURN_IF_ERROR(cudaGetLastError(), "pdl sorted-rows kernel launch");
+  }
+  return {};
+}
+
+// ---- backward --------------------------------------------------------------------------------------
+
+template <typename out_t, typename deriv_t>
+PdlStatus launch_backward(const PdlBackwardParams& params, cudaStream_t stream) {
+  using acc_t = typename AccOf<out_t>::type;
+  const int64_t elements = params.rows * params.N;
+  const int64_t grid =
+      std::min(ELEMENTWISE_MAX_GRID, (elements + ELEMENTWISE_BLOCK_THREADS - 1) / ELEMENTWISE_BLOCK_THREADS);
+  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(params.N);
+  pdl::pdl_backward_kernel<out_t, acc_t, deriv_t><<<static_cast<int>(grid), ELEMENTWISE_BLOCK_THREADS, 0, stream>>>(
+      static_cast<const acc_t*>(params.grad_w_ptr), params.perm_ptr, params.perm_t_ptr,
+      static_cast<const deriv_t*>(params.deriv_ptr), static_cast<out_t*>(params.grad_pred_ptr),
+      static_cast<out_t*>(params.grad_target_ptr), params.rows, params.N, inv_n);
+  PDL_RETURN_IF_ERROR(cudaGetLastError(), "pdl backward scatter kernel launch");
+  return {};
+}
+
+}  // namespace
+
+PdlStatus pdl_forward_workspace_bytes(const PdlForwardParams& params, size_t* bytes) {
+  *bytes = 0;
+  PdlStatus status = check_forward_params(params);
+  if (!status.ok()) return status;
+  if (params.N <= PDL_BLOCK_SORT_MAX_N || params.B * params.C == 0) return {};
+  DeviceScope device(params.device);
+  PDL_RETURN_IF_ERROR(device.error(), "cudaSetDevice");
+  return dispatch_dtype(params.dtype, [&](auto tag) -> PdlStatus {
+    using acc_t = typename AccOf<typename decltype(tag)::type>::type;
+    SegmentedLayout layout;
+    PDL_RETURN_IF_ERROR(segmented_layout<typename KeyOf<acc_t>::type>(params, &layout),
+                        "cub::DeviceSegmentedRadixSort temp-storage query");
+    *bytes = layout.total_bytes;
+    return {};
+  });
+}
+
+PdlStatus pdl_forward_cuda(const PdlForwardParams& params, CUstream_st* stream) {
+  PdlStatus status = check_forward_params(params);
+  if (!status.ok()) return status;
+  if (params.B * params.C == 0) return {};
+  DeviceScope device(params.device);
+  PDL_RETURN_IF_ERROR(device.error(), "cudaSetDevice");
+  return dispatch_dtype(params.dtype, [&](auto tag) -> PdlStatus {
+    using scalar_t = typename decltype(tag)::type;
+    return params.N <= PDL_BLOCK_SORT_MAX_N ? block_forward<scalar_t>(params, stream)
+                                            : segmented_forward<scalar_t>(params, stream);
+  });
+}
+
+PdlStatus pdl_backward_cuda(const PdlBackwardParams& params, CUstream_st* stream) {
+  if (params.rows < 0 || params.N < 1 || params.N > INT32_MAX)
+    return make_status(cudaErrorInvalidValue, "pdl_backward_cuda: rows must be >= 0 and N in [1, 2^31)");
+  if (params.rows == 0 || (params.grad_pred_ptr == nullptr && params.grad_target_ptr == nullptr)) return {};
+  DeviceScope device(params.device);
+  PDL_RETURN_IF_ERROR(device.error(), "cudaSetDevice");
+  return dispatch_dtype(params.out_dtype, [&](auto tag) -> PdlStatus {
+    using out_t = typename decltype(tag)::type;
+    using acc_t = typename AccOf<out_t>::type;
+    return params.sign_only ? launch_backward<out_t, int8_t>(params, stream)
+                            : launch_backward<out_t, acc_t>(params, stream);
+  });
+}
+
+}  // namespace fastloss

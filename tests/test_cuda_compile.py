@@ -1,0 +1,64 @@
+"""The CUDA sources compile without a GPU.
+
+Every csrc/cuda/*.cu is compiled for sm_90 with nvcc; they need only the CUDA toolkit. The torch
+binding (csrc/cuda/pdl_binding.cpp) is checked with the host C++ compiler against the installed
+torch headers: it includes no CUDA header (streams arrive from Python as ints), so a CPU-only torch
+is enough. pdl_launch.h, the interface between the two, must compile with no CUDA include path.
+"""
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+CUDA_SOURCES = sorted((CSRC / "cuda").glob("*.cu"))
+BINDING_SOURCES = sorted((CSRC / "cuda").glob("*_binding.cpp"))
+NVCC = shutil.which("nvcc")
+CXX = shutil.which("c++")
+
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+
+
+def _run(cmd):
+    """Runs a compiler from the repository root; on failure the assertion shows its stderr."""
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))}\nexit {proc.returncode}\n{proc.stderr}{proc.stdout}"
+
+
+def test_sources_found():
+    assert "pdl_kernels.cu" in [p.name for p in CUDA_SOURCES]
+    assert "pdl_binding.cpp" in [p.name for p in BINDING_SOURCES]
+
+
+def test_one_module_definition():
+    # setup.py links every *_binding.cpp into fastloss._C_cuda: only module_binding.cpp defines it.
+    defining = [p.name for p in BINDING_SOURCES if "PYBIND11_MODULE(" in p.read_text()]
+    assert defining == ["module_binding.cpp"]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
+def test_nvcc_compiles(source, tmp_path):
+    _run([NVCC, "-std=c++20", "-arch=sm_90", "-O2", "-c", source, "-o", tmp_path / (source.stem + ".o"),
+          "-I", CSRC])
+
+
+@pytest.mark.parametrize("source", BINDING_SOURCES, ids=lambda p: p.name)
+def test_binding_compiles_with_host_compiler(source):
+    from torch.utils import cpp_extension
+
+    assert CXX is not None, "no host C++ compiler (c++) on PATH"
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    _run([CXX, "-std=c++20", "-fsyntax-only", "-I", CSRC, *includes, "-DTORCH_EXTENSION_NAME=_C_cuda", source])
+
+
+def test_launch_header_needs_no_cuda(tmp_path):
+    assert CXX is not None, "no host C++ compiler (c++) on PATH"
+    header = CSRC / "cuda" / "pdl_launch.h"
+    assert "#include <cuda" not in header.read_text()
+    unit = tmp_path / "launch_only.cpp"
+    unit.write_text('#include "cuda/pdl_launch.h"\nint main() { return fastloss::PdlStatus{}.ok() ? 0 : 1; }\n')
+    _run([CXX, "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-I", CSRC, unit])
