@@ -16,27 +16,35 @@ template <typename F> struct KeyOf;
 template <> struct KeyOf<float> { using type = uint32_t; };
 template <> struct KeyOf<double> { using type = uint64_t; };
 
-// Both transforms are branch-free (select, not jump): ReLU features are half exact zeros in
-// random places, and a branch on the value would mispredict on every other element.
+template <typename F> struct FloatBits;
+template <> struct FloatBits<float> { static constexpr uint32_t kInf = 0x7F800000u, kQuietNaN = 0x7FC00000u; };
+template <> struct FloatBits<double> {
+  static constexpr uint64_t kInf = 0x7FF0000000000000ull, kQuietNaN = 0x7FF8000000000000ull;
+};
+
+// Both transforms work on the bits with selects, no branches and no float compares: ReLU
+// features are half exact zeros in random places (a branch would mispredict on every other
+// element), and integer selects let the compiler vectorise the loops that call them.
 template <typename F>
 inline typename KeyOf<F>::type float_to_key(F x) {
   using K = typename KeyOf<F>::type;
-  constexpr K kSign = K(1) << (sizeof(K) * 8 - 1);
-  const F nan = std::numeric_limits<F>::quiet_NaN();
-  K bits, nan_bits;
+  constexpr int kTop = sizeof(K) * 8 - 1;
+  constexpr K kSign = K(1) << kTop;
+  K bits;
   std::memcpy(&bits, &x, sizeof(K));
-  std::memcpy(&nan_bits, &nan, sizeof(K));
-  bits = (x == F(0)) ? K(0) : bits;    // -0.0 -> +0.0
-  bits = (x != x) ? nan_bits : bits;   // any NaN -> the positive quiet NaN, which sorts last
-  const K mask = K(0) - (bits >> (sizeof(K) * 8 - 1));  // all ones for negatives
+  const K magnitude = bits & ~kSign;
+  bits = magnitude == 0 ? K(0) : bits;                                   // -0.0 -> +0.0
+  bits = magnitude > FloatBits<F>::kInf ? FloatBits<F>::kQuietNaN : bits;  // NaN -> +qNaN, last
+  const K mask = K(0) - (bits >> kTop);  // all ones for negatives
   return bits ^ (mask | kSign);
 }
 
 template <typename F>
 inline F key_to_float(typename KeyOf<F>::type key) {
   using K = typename KeyOf<F>::type;
-  constexpr K kSign = K(1) << (sizeof(K) * 8 - 1);
-  const K mask = (key >> (sizeof(K) * 8 - 1)) - K(1);  // all ones for negatives (top bit clear)
+  constexpr int kTop = sizeof(K) * 8 - 1;
+  constexpr K kSign = K(1) << kTop;
+  const K mask = (key >> kTop) - K(1);  // all ones for negatives (top bit clear)
   const K bits = key ^ (mask | kSign);
   F x;
   std::memcpy(&x, &bits, sizeof(K));
