@@ -5,6 +5,7 @@
 // positive, sorts last; -0.0 is folded into +0.0 so that ties sort like torch.sort).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -109,14 +110,29 @@ template <> struct Keyed<double> {
   uint32_t index() const { return idx; }
 };
 
+// Below this length a comparison sort beats the radix passes, whose 256-bucket counts cost
+// more than the items (measured here: std::sort wins up to ~100 items, radix beyond).
+constexpr int64_t kSmallSort = 96;
+
+// Rows sort by (key, original position): equal keys keep their order, like a stable sort.
 template <typename F>
 void sort_keyed(Keyed<F>* a, Keyed<F>* tmp, int64_t n) {
+  if (n <= kSmallSort) {
+    std::sort(a, a + n, [](const Keyed<F>& x, const Keyed<F>& y) {
+      return x.sort_key() < y.sort_key() || (x.sort_key() == y.sort_key() && x.index() < y.index());
+    });
+    return;
+  }
   radix_sort<Keyed<F>::kFirstByte, Keyed<F>::kBytes>(a, tmp, n, [](const Keyed<F>& v) { return v.sort_key(); });
 }
 
 template <typename F>
 void sort_keys(typename KeyOf<F>::type* a, typename KeyOf<F>::type* tmp, int64_t n) {
   using K = typename KeyOf<F>::type;
+  if (n <= kSmallSort) {
+    std::sort(a, a + n);
+    return;
+  }
   radix_sort<0, sizeof(K)>(a, tmp, n, [](K k) { return k; });
 }
 

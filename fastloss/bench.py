@@ -1,0 +1,422 @@
+"""``fastloss-bench`` (also ``python -m fastloss.bench``): steps/sec of real training steps.
+
+Trains a small DnCNN-style denoiser (8 conv layers, residual) for a fixed number of steps on
+random crops of a generated image with Gaussian noise, under each loss configuration in turn:
+pixel L1 only; L1 + VGG16 L1-perceptual (the PDL paper's baseline); and L1 + each fastloss loss
+on its ``reference`` backend and on its fast backend. Reports steps/sec relative to pixel-only
+and the speed-up of each fast backend over its reference, as a table; writes ``results.json``
+and ``steps_per_sec.png`` to the output folder. ``--demo`` instead trains the denoiser with L1
+and with L1 + PDL and saves side-by-side PNGs (noisy | L1 | L1 + PDL | clean).
+
+VGG weights are random unless ``--vgg-weights`` names a file (the output says which): the cost
+of a step does not depend on the weights' values.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastloss
+from fastloss import _backend
+
+PERCEPTUAL_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
+
+
+# ----------------------------------------------------------------------------- data and model
+def make_image(size=256, seed=0):
+    """A deterministic synthetic RGB image in [0, 1] (3, size, size): smooth gradients, waves of
+    several frequencies, hard-edged shapes and fine texture, so denoising has edges to keep."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    channels = []
+    for c in range(3):
+        f = torch.rand(4, generator=g) * 12 + 2
+        ph = torch.rand(4, generator=g) * 6.28
+        img = 0.35 + 0.25 * (xx * (c + 1) / 3 + yy * (3 - c) / 3) / 2
+        img = img + 0.08 * torch.sin(f[0] * xx * 6.28 + ph[0]) * torch.cos(f[1] * yy * 6.28 + ph[1])
+        img = img + 0.04 * torch.sin((f[2] * xx + f[3] * yy) * 6.28 + ph[2])
+        channels.append(img)
+    img = torch.stack(channels)
+    for _ in range(24):  # rectangles and discs with random colours
+        cx, cy, r = (torch.rand(3, generator=g) * torch.tensor([1.0, 1.0, 0.18]) + torch.tensor([0, 0, 0.03])).tolist()
+        colour = torch.rand(3, 1, 1, generator=g)
+        if torch.rand(1, generator=g).item() < 0.5:
+            mask = ((xx - cx).abs() < r) & ((yy - cy).abs() < r * 0.6)
+        else:
+            mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
+        img = torch.where(mask, 0.7 * colour + 0.3 * img, img)
+    img = img + 0.03 * torch.randn(3, size, size, generator=g)  # texture
+    return img.clamp(0, 1)
+
+
+def random_batch(image, batch, crop, sigma, generator):
+    """(noisy, clean) crops of ``image`` with Gaussian noise of std ``sigma``."""
+    _, h, w = image.shape
+    ys = torch.randint(0, h - crop + 1, (batch,), generator=generator)
+    xs = torch.randint(0, w - crop + 1, (batch,), generator=generator)
+    clean = torch.stack([image[:, y:y + crop, x:x + crop] for y, x in zip(ys.tolist(), xs.tolist())])
+    noisy = clean + sigma * torch.randn(clean.shape, generator=generator)
+    return noisy, clean
+
+
+class DnCNN(nn.Module):
+    """A DnCNN-style denoiser: conv+ReLU, (depth-2) x conv+BN+ReLU, conv; predicts the noise."""
+
+    def __init__(self, depth=8, width=32):
+        super().__init__()
+        layers = [nn.Conv2d(3, width, 3, padding=1), nn.ReLU(inplace=True)]
+        for _ in range(depth - 2):
+            layers += [nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        layers.append(nn.Conv2d(width, 3, 3, padding=1))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x - self.body(x)
+
+
+# ----------------------------------------------------------------------------- loss configurations
+class VGGPerceptual(nn.Module):
+    """The PDL paper's baseline: L1 + weight * sum_l mean|Phi_l(u) - Phi_l(v)| on VGG16 features."""
+
+    def __init__(self, layers, weight, vgg_weights):
+        super().__init__()
+        from .features import VGG
+
+        self.vgg = VGG("vgg16", layers=layers, weights=vgg_weights)
+        self.layers, self.weight = layers, weight
+
+    def forward(self, u, v):
+        fu = self.vgg(u)
+        with torch.no_grad():
+            fv = self.vgg(v)
+        return (u - v).abs().mean() + self.weight * sum((fu[k] - fv[k]).abs().mean() for k in self.layers)
+
+
+class _L1Plus(nn.Module):
+    def __init__(self, loss):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, u, v):
+        return (u - v).abs().mean() + self.loss(u, v)
+
+
+def _fast(device):
+    """The backend auto picks for float32 tensors on ``device`` (without warning)."""
+    for name in _backend.AUTO_ORDER.get(torch.device(device).type, ()):
+        if name != "reference" and _backend.why_not(name, torch.device(device), torch.float32) is None:
+            return name
+    return None
+
+
+def _pdl(backend, args):
+    return fastloss.PDLLoss(layers=PERCEPTUAL_LAYERS, weight=0.01, pixel_weight=1.0,
+                            extractor_weights=args.vgg_weights, backend=backend)
+
+
+def _d2sm(backend, args):
+    if not hasattr(fastloss, "D2SMLoss"):
+        raise RuntimeError("fastloss.D2SMLoss is not available in this version")
+    return _L1Plus(fastloss.D2SMLoss(extractor_weights=args.vgg_weights, backend=backend, queue_size=64))
+
+
+def _mdf(backend, args):
+    if not hasattr(fastloss, "MDFLoss"):
+        raise RuntimeError("fastloss.MDFLoss is not available in this version")
+    return _L1Plus(fastloss.MDFLoss(backend=backend))
+
+
+# name -> (label, loss family, backend kind, factory(backend, args))
+CONFIGS = {
+    "l1": ("L1 (pixel only)", "l1", None, lambda b, a: _L1Plus(lambda u, v: u.new_zeros(()))),
+    "vgg": ("L1 + VGG16 L1-perceptual", "vgg", None,
+            lambda b, a: VGGPerceptual(PERCEPTUAL_LAYERS, 0.01, a.vgg_weights)),
+    "pdl-ref": ("L1 + PDL (reference)", "pdl", "reference", _pdl),
+    "pdl-fast": ("L1 + PDL (fast)", "pdl", "fast", _pdl),
+    "d2sm-ref": ("L1 + D2SM (reference)", "d2sm", "reference", _d2sm),
+    "d2sm-fast": ("L1 + D2SM (fast)", "d2sm", "fast", _d2sm),
+    "mdf-ref": ("L1 + MDF (reference)", "mdf", "reference", _mdf),
+    "mdf-fast": ("L1 + MDF (fast)", "mdf", "fast", _mdf),
+}
+
+
+# ----------------------------------------------------------------------------- running
+def _progress(total, desc, enabled):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a bench dependency
+        tqdm = None
+    if tqdm is None or not enabled:
+        class _Null:
+            def update(self, n=1):
+                pass
+
+            def close(self):
+                pass
+        return _Null()
+    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
+def train_steps(model, criterion, opt, image, args, steps, generator, bar=None):
+    """Run ``steps`` training steps; return (seconds per step of each step, last loss)."""
+    times, last = [], float("nan")
+    for _ in range(steps):
+        noisy, clean = random_batch(image, args.batch_size, args.crop, args.sigma / 255, generator)
+        noisy, clean = noisy.to(args.device), clean.to(args.device)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = criterion(model(noisy), clean)
+        loss.backward()
+        opt.step()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        last = loss.item()
+        if bar is not None:
+            bar.update(1)
+    return times, last
+
+
+def run_config(name, args, image):
+    label, family, kind, factory = CONFIGS[name]
+    backend = None
+    if kind == "fast":
+        backend = _fast(args.device)
+        if backend is None:
+            raise RuntimeError(f"no fast backend can run on {args.device}: {fastloss.backends()}")
+    elif kind == "reference":
+        backend = "reference"
+    torch.manual_seed(args.seed)
+    criterion = factory(backend, args).to(args.device)
+    model = DnCNN(width=args.width).to(args.device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(args.seed)
+    bar = _progress(args.warmup + args.steps, f"{name:<9}", not args.no_progress)
+    train_steps(model, criterion, opt, image, args, args.warmup, gen, bar)
+    times, last = train_steps(model, criterion, opt, image, args, args.steps, gen, bar)
+    bar.close()
+    sec = statistics.median(times)
+    return {"config": name, "label": label, "loss": family, "backend": backend or "-", "steps": args.steps,
+            "warmup_steps": args.warmup, "median_step_seconds": sec, "steps_per_sec": 1.0 / sec,
+            "total_seconds": sum(times), "final_loss": last}
+
+
+def machine_details(args):
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
+            "fastloss": fastloss.__version__, "device": args.device,
+            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+            "backends": {k: v["available"] for k, v in fastloss.backends().items()},
+            "fast_backend": _fast(args.device)}
+
+
+def add_ratios(rows):
+    """steps/sec relative to pixel-only, and each fast row's speed-up over its reference row."""
+    base = next((r["steps_per_sec"] for r in rows if r["config"] == "l1"), None)
+    vgg = next((r["steps_per_sec"] for r in rows if r["config"] == "vgg"), None)
+    by_name = {r["config"]: r for r in rows}
+    for r in rows:
+        r["relative_to_pixel"] = r["steps_per_sec"] / base if base else None
+        r["relative_to_vgg"] = r["steps_per_sec"] / vgg if vgg else None
+        ref = by_name.get(r["config"].replace("-fast", "-ref")) if r["config"].endswith("-fast") else None
+        r["speedup_vs_reference"] = r["steps_per_sec"] / ref["steps_per_sec"] if ref else None
+    return rows
+
+
+def format_table(rows, skipped):
+    head = f"{'configuration':<28} {'backend':<10} {'steps/s':>8} {'vs L1':>7} {'vs VGG':>7} {'fast/ref':>9}"
+    lines = [head, "-" * len(head)]
+    fmt = lambda v, suffix="": "-" if v is None else f"{v:.2f}{suffix}"  # noqa: E731
+    for r in rows:
+        lines.append(f"{r['label']:<28} {r['backend']:<10} {r['steps_per_sec']:>8.2f} {fmt(r['relative_to_pixel']):>7} "
+                     f"{fmt(r['relative_to_vgg']):>7} {fmt(r['speedup_vs_reference'], 'x'):>9}")
+    for name, why in skipped.items():
+        lines.append(f"{CONFIGS[name][0]:<28} skipped: {why}")
+    return "\n".join(lines)
+
+
+def bar_chart(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
+    labels = [r["label"] for r in rows][::-1]
+    vals = [r["relative_to_pixel"] or 0 for r in rows][::-1]
+    colours = ["#4c72b0" if r["backend"] in ("-", "reference") else "#dd8452" for r in rows][::-1]
+    ax.barh(labels, vals, color=colours)
+    for y, v in enumerate(vals):
+        ax.text(v, y, f" {v:.2f}", va="center")
+    ax.set_xlabel("training steps/sec relative to pixel L1 only (higher is faster)")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlim(0, max(vals + [1.0]) * 1.15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- demo
+def run_demo(args, image):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = {}
+    for name in ("l1", "pdl-fast"):
+        torch.manual_seed(args.seed)
+        backend = _fast(args.device) if name == "pdl-fast" else None
+        criterion = CONFIGS[name][3](backend or "reference", args).to(args.device)
+        model = DnCNN(width=args.width).to(args.device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        gen = torch.Generator().manual_seed(args.seed)
+        bar = _progress(args.demo_steps, f"demo {name}", not args.no_progress)
+        train_steps(model, criterion, opt, image, args, args.demo_steps, gen, bar)
+        bar.close()
+        results[name] = model.eval()
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    noisy, clean = random_batch(image, 3, max(args.crop, 64), args.sigma / 255, gen)
+    with torch.no_grad():
+        l1_out = results["l1"](noisy.to(args.device)).cpu().clamp(0, 1)
+        pdl_out = results["pdl-fast"](noisy.to(args.device)).cpu().clamp(0, 1)
+    paths = []
+    for i in range(noisy.shape[0]):
+        fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
+        for ax, img, title in zip(axes, (noisy[i].clamp(0, 1), l1_out[i], pdl_out[i], clean[i]),
+                                  ("noisy", "restored: L1", "restored: L1 + PDL", "clean")):
+            psnr = -10 * math.log10(max(F.mse_loss(img, clean[i]).item(), 1e-12))
+            ax.imshow(img.permute(1, 2, 0).numpy())
+            ax.set_title(f"{title}\nPSNR {psnr:.2f} dB" if title != "clean" else title, fontsize=9)
+            ax.axis("off")
+        fig.tight_layout()
+        path = os.path.join(args.out, f"demo_{i}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    print(f"demo: trained {args.demo_steps} steps with L1 and with L1 + PDL "
+          f"({'random' if args.vgg_weights is None else args.vgg_weights} VGG weights); wrote {', '.join(paths)}")
+    return paths
+
+
+# ----------------------------------------------------------------------------- CLI
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _non_negative_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
+    return v
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="fastloss-bench", description=__doc__.split("\n\n")[0],
+                                 epilog="configurations: " + ", ".join(CONFIGS))
+    ap.add_argument("--steps", type=_positive_int, default=10, help="timed training steps per configuration (default 10)")
+    ap.add_argument("--warmup", type=_non_negative_int, default=2, help="untimed steps first (default 2)")
+    ap.add_argument("--batch-size", type=_positive_int, default=4, help="default 4")
+    ap.add_argument("--crop", type=_positive_int, default=96, help="crop size in pixels (default 96)")
+    ap.add_argument("--width", type=_positive_int, default=32, help="denoiser channels (default 32)")
+    ap.add_argument("--sigma", type=float, default=25.0, help="noise std on the 0-255 scale (default 25)")
+    ap.add_argument("--configs", default="all", help="comma-separated subset of: " + ", ".join(CONFIGS))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default="fastloss-bench-out", help="output folder (default ./fastloss-bench-out)")
+    ap.add_argument("--vgg-weights", default=None,
+                    help="torchvision-format VGG16/19 state dict, or 'torchvision' (local cache); default random")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--demo", action="store_true", help="train with L1 and L1 + PDL and save side-by-side PNGs")
+    ap.add_argument("--demo-steps", type=_positive_int, default=300, help="training steps per model in --demo (default 300)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    if args.configs == "all":
+        args.configs = list(CONFIGS)
+    else:
+        args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+        unknown = [c for c in args.configs if c not in CONFIGS]
+        if unknown or not args.configs:
+            ap.error(f"--configs: unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}")
+    if args.crop < 16:
+        ap.error(f"--crop must be at least 16 pixels (VGG pools 3 times before relu4_3), got {args.crop}")
+    if args.crop > 256:
+        ap.error(f"--crop must be at most 256, the size of the generated image, got {args.crop}")
+    if not (0 <= args.sigma <= 255):
+        ap.error(f"--sigma must be in [0, 255], got {args.sigma}")
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError:
+        ap.error(f"--device: not a device: {args.device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        ap.error(f"--device must be cpu or cuda, got {args.device!r}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    os.makedirs(args.out, exist_ok=True)
+    image = make_image()
+    weights_note = ("VGG weights: random (speed runs only; the cost of a step does not depend on them)"
+                    if args.vgg_weights is None else f"VGG weights: {args.vgg_weights}")
+    if args.demo:
+        run_demo(args, image)
+        return 0
+    info = machine_details(args)
+    print(f"fastloss-bench: {args.steps} steps (+{args.warmup} warm-up) per configuration, batch {args.batch_size}, "
+          f"crop {args.crop}, DnCNN width {args.width}, device {args.device}, fast backend {info['fast_backend']}")
+    print(weights_note)
+    rows, skipped = [], {}
+    for name in args.configs:
+        try:
+            rows.append(run_config(name, args, image))
+        except (RuntimeError, FileNotFoundError, ValueError) as e:
+            skipped[name] = str(e).splitlines()[0]
+    add_ratios(rows)
+    print(format_table(rows, skipped))
+    result = {"command": "fastloss-bench " + " ".join(sys.argv[1:] if argv is None else argv),
+              "settings": {k: v for k, v in vars(args).items() if k != "demo"}, "vgg_weights_note": weights_note,
+              "machine": info, "results": rows, "skipped": skipped}
+    json_path = os.path.join(args.out, "results.json")
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=2)
+    png_path = os.path.join(args.out, "steps_per_sec.png")
+    if rows:
+        bar_chart(rows, png_path, f"fastloss-bench on {info['cpu']} ({args.device}), batch {args.batch_size}, "
+                                  f"crop {args.crop}")
+    print(f"wrote {json_path}" + (f" and {png_path}" if rows else ""))
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

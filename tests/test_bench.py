@@ -1,0 +1,72 @@
+"""fastloss-bench end to end with tiny settings, its JSON, its errors; the microbenchmarks run."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastloss import bench
+
+from conftest import requires_cpu_ext
+
+TINY = ["--steps", "1", "--warmup", "0", "--batch-size", "1", "--crop", "16", "--width", "4", "--no-progress"]
+ROW_FIELDS = {"config", "label", "loss", "backend", "steps", "warmup_steps", "median_step_seconds", "steps_per_sec",
+              "total_seconds", "final_loss", "relative_to_pixel", "relative_to_vgg", "speedup_vs_reference"}
+
+
+@requires_cpu_ext
+def test_cli_end_to_end_writes_json_and_png(tmp_path, capsys):
+    configs = ["l1", "vgg", "pdl-ref", "pdl-fast"]
+    assert bench.main(TINY + ["--configs", ",".join(configs), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "VGG weights: random" in out and "L1 + PDL (fast)" in out
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [r["config"] for r in data["results"]] == configs  # one row per configuration
+    for r in data["results"]:
+        assert set(r) == ROW_FIELDS
+        assert r["steps_per_sec"] > 0 and r["steps"] == 1
+    rows = {r["config"]: r for r in data["results"]}
+    assert rows["l1"]["relative_to_pixel"] == 1.0
+    assert rows["pdl-fast"]["backend"] == "cpu" and rows["pdl-ref"]["backend"] == "reference"
+    assert rows["pdl-fast"]["speedup_vs_reference"] == pytest.approx(
+        rows["pdl-fast"]["steps_per_sec"] / rows["pdl-ref"]["steps_per_sec"])
+    for key in ("cpu", "torch_threads", "torch", "triton", "backends", "fast_backend"):
+        assert key in data["machine"]
+    assert (tmp_path / "steps_per_sec.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_demo_writes_side_by_side_pngs(tmp_path):
+    assert bench.main(["--demo", "--demo-steps", "1", "--crop", "16", "--width", "4", "--batch-size", "1",
+                       "--no-progress", "--out", str(tmp_path)]) == 0
+    pngs = sorted(p.name for p in tmp_path.glob("demo_*.png"))
+    assert pngs == ["demo_0.png", "demo_1.png", "demo_2.png"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--configs", "l1,nope"], "unknown configuration"),
+    (["--steps", "0"], "expected a positive integer, got 0"),
+    (["--batch-size", "x"], "expected a positive integer, got 'x'"),
+    (["--crop", "8"], "--crop must be at least 16"),
+    (["--sigma", "-1"], "--sigma must be in"),
+    (["--device", "cuda:0"] if not bench.torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+])
+def test_cli_bad_option_exits_nonzero_with_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_console_script_module_runs_help():
+    out = subprocess.run([sys.executable, "-m", "fastloss.bench", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "fastloss-bench" in out.stdout
+
+
+def test_microbenchmarks_smoke_subset_runs():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "-k", "smoke", "--benchmark-disable",
+                          "-p", "no:cacheprovider"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout
