@@ -10,10 +10,10 @@ Every functional op takes ``backend="auto"``; see ``fastloss._backend`` for the 
 """
 import torch  # noqa: F401  (load libtorch before the extensions)
 
-from ._backend import BACKENDS, BackendError, backends, use_backend
+from ._backend import BACKENDS, BackendError, backends, deterministic, use_backend, use_deterministic
 from .pdl import PDLLoss, pdl, pdl_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendError", "backends", "use_backend", "pdl", "pdl_reference", "PDLLoss",
+__all__ = ["BACKENDS", "BackendError", "backends", "use_backend", "use_deterministic", "deterministic", "pdl", "pdl_reference", "PDLLoss",
            "__version__"]

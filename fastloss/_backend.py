@@ -29,6 +29,7 @@ AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _scope = contextvars.ContextVar("fastloss_backend", default=None)
+_deterministic = [False]
 _warned = set()
 _warn_lock = threading.Lock()
 
@@ -51,6 +52,18 @@ def use_backend(name):
         yield
     finally:
         _scope.reset(token)
+
+
+def use_deterministic(flag=True):
+    """Ask every op for bitwise-reproducible results (``torch.use_deterministic_algorithms(True)``
+    asks the same). On the CPU every fastloss backend is deterministic anyway; on the GPU an op
+    whose fast path would reduce with atomics takes a fixed-order path instead, or refuses."""
+    _deterministic[0] = bool(flag)
+
+
+def deterministic():
+    """Whether deterministic results were asked for, by fastloss or by torch."""
+    return _deterministic[0] or torch.are_deterministic_algorithms_enabled()
 
 
 def requested(backend, op="fastloss"):
