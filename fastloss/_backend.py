@@ -80,6 +80,16 @@ def requested(backend, op="fastloss"):
     return "auto"
 
 
+_interpreter_lock = threading.RLock()
+
+
+def triton_launch_guard():
+    """A lock around Triton launches under TRITON_INTERPRET=1, whose interpreter patches
+    triton.language globally while a kernel runs and so cannot run two kernels at once; a
+    no-op on the GPU."""
+    return _interpreter_lock if _triton_interpret() else contextlib.nullcontext()
+
+
 def _triton_interpret():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

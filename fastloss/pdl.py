@@ -90,7 +90,8 @@ def _forward_impl(backend, pred, target, p, target_grad):
     if backend == "triton":
         from .kernels import pdl as triton_pdl
 
-        return tuple(triton_pdl.pdl_forward(pred, target, p, target_grad))
+        with _backend.triton_launch_guard():
+            return tuple(triton_pdl.pdl_forward(pred, target, p, target_grad))
     raise ValueError(f"{_OP}: backend {backend!r} has no fused forward")
 
 
@@ -103,7 +104,8 @@ def _backward_impl(backend, grad_w, perm, perm_t, deriv, need_pred, need_target,
     if backend == "triton":
         from .kernels import pdl as triton_pdl
 
-        return triton_pdl.pdl_backward(grad_w, perm, perm_t, deriv, need_pred, need_target, out_dtype)
+        with _backend.triton_launch_guard():
+            return triton_pdl.pdl_backward(grad_w, perm, perm_t, deriv, need_pred, need_target, out_dtype)
     raise ValueError(f"{_OP}: backend {backend!r} has no fused backward")
 
 

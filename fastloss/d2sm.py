@@ -1,0 +1,530 @@
+"""D2SM, Deep Semantic Statistics Matching (Mei, Patel and Huang): a cosine-kernel KL over a
+set of feature rows, and a queue of past features (memorized historic sampling).
+
+For the (q, D) features of the prediction and of the target (one row per sample), each row is
+normalized, ``f_hat = f / (||f||_2 + eps)`` (entries that come out NaN become 0), and the
+cosine kernel is ``K = (f_hat f_hat^T + 1) / 2``, in [0, 1]; ``K'`` comes from ``pred``, ``K``
+from ``target``, which is a constant. Two modes::
+
+    pkt    S = K' / K'.sum(1),  T = K / K.sum(1)  (diagonal included)
+           loss = mean over the q*q entries of T log((T + eps) / (S + eps))
+    paper  p'_i(j) = K'_ij / sum_{k != i} K'_ik,  p_i(j) likewise from K  (i != j)
+           loss = (1/q) sum_i sum_{j != i} p'_i(j) log((p'_i(j) + eps) / (p_i(j) + eps))
+
+``pkt`` is the Probabilistic Knowledge Transfer formula of the published D2SM code; ``paper`` is
+equations (2) to (5) of the paper. The row sums need no q x q pass:
+``sum_k K_ik = (q + f_hat_i . sum_k f_hat_k) / 2`` (less the diagonal term in paper mode). They
+are formed in float64: a KL moves by about d when a row's probabilities sum to 1 + d, and float32
+row sums would put errors of 1e-4 relative on losses of 1e-3.
+
+The fused op (``csrc/cpu/d2sm.cpp``, ``kernels/d2sm.py``, ``csrc/cuda/d2sm_kernels.cu``) takes
+the similarity matrices ``G = f_hat f_hat^T`` and those row sums, and does the kernel, the row
+normalization, the log, the KL and the gradient with respect to the similarities in one pass; the
+products with the features stay matrix products. ``D2SMQueue`` keeps the past rows, a q x q
+similarity cache updated in place and the running row sums of the cache, so that a call costs
+N x q x D multiply-adds for its N new rows instead of q x q x D.
+
+Everything D2SM is lives here: the input checks, the plain-PyTorch ``reference``, the
+``torch.library`` custom op and its autograd, ``d2sm_kl``, ``D2SMQueue`` and ``D2SMLoss``.
+"""
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from . import _backend, _ext
+
+_OP = "d2sm"
+MODES = ("paper", "pkt")
+
+
+# --------------------------------------------------------------------------- input checks
+def _check_mode_eps(mode, eps, op):
+    if mode not in MODES:
+        raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or eps == float("inf"):
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+
+
+def _check_features(pred, target, op, pred_name="pred", target_name="target", min_rows=1):
+    for name, t in ((pred_name, pred), (target_name, target)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+    if pred.dtype != target.dtype:
+        raise TypeError(f"{op}: {pred_name} and {target_name} dtypes differ: {pred.dtype} vs {target.dtype}")
+    if pred.device != target.device:
+        raise ValueError(f"{op}: {pred_name} and {target_name} are on different devices: {pred.device} vs {target.device}")
+    if pred.dim() < 2:
+        raise ValueError(f"{op}: {pred_name} must be (rows, D, ...) with at least 2 dims, got shape {tuple(pred.shape)}")
+    if pred.shape != target.shape:
+        raise ValueError(f"{op}: {pred_name} and {target_name} shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    if pred.numel() == 0:
+        raise ValueError(f"{op}: {pred_name} is empty, shape {tuple(pred.shape)}")
+    if pred.shape[0] < min_rows:
+        raise ValueError(f"{op}: needs at least {min_rows} rows (samples), got {pred_name} of shape {tuple(pred.shape)}")
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- reference
+def _normalize(f: Tensor, eps: float) -> Tensor:
+    """``f / (||f||_2 + eps)`` per row; entries that come out NaN become 0."""
+    f_hat = f / (torch.linalg.vector_norm(f, dim=1, keepdim=True) + eps)
+    return torch.where(torch.isnan(f_hat), torch.zeros_like(f_hat), f_hat)
+
+
+def _kl_from_sims(sp: Tensor, st: Tensor, mode: str, eps: float) -> Tensor:
+    """The D2SM KL of the module docstring from the cosine similarities ``sp`` (pred), ``st``."""
+    q = sp.shape[0]
+    kp, kt = (sp + 1) / 2, (st + 1) / 2  # [q, q] cosine kernels, in [0, 1]
+    if mode == "pkt":
+        s, t = kp / kp.sum(1, keepdim=True), kt / kt.sum(1, keepdim=True)
+        return (t * torch.log((t + eps) / (s + eps))).mean()
+    off = ~torch.eye(q, dtype=torch.bool, device=sp.device)
+    kp, kt = kp * off, kt * off  # the paper's sums run over j != i
+    p, pt = kp / kp.sum(1, keepdim=True), kt / kt.sum(1, keepdim=True)
+    return (p * torch.log((p + eps) / (pt + eps))).sum() / q
+
+
+def d2sm_reference(pred: Tensor, target: Tensor, mode: str = "paper", eps: float = 1e-6) -> Tensor:
+    """The D2SM KL in plain PyTorch with autograd (module docstring); target is a constant."""
+    acc = _acc_dtype(pred.dtype)
+    x = _normalize(pred.flatten(1).to(acc), eps)
+    y = _normalize(target.detach().flatten(1).to(acc), eps)
+    return _kl_from_sims(x @ x.T, y @ y.T, mode, eps).to(pred.dtype)
+
+
+# --------------------------------------------------------------------------- backends
+def _stream(t):
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _fused_impl(backend, sp, st, dots_p, dots_t, rows, paper, eps):
+    """(loss 0-dim, grad_rows [N, q]): the fused pass; grad_rows[n] = dL/dG'[b, :] + dL/dG'[:, b], b = rows[n]."""
+    if backend == "cpu":
+        return tuple(_ext.load("_C")[0].d2sm_forward(sp, st, dots_p, dots_t, rows, paper, eps))
+    if backend == "cuda":
+        return tuple(_ext.load("_C_cuda")[0].d2sm_forward(sp, st, dots_p, dots_t, rows, paper, eps, _stream(sp)))
+    if backend == "triton":
+        from .kernels import d2sm as triton_d2sm
+
+        with _backend.triton_launch_guard():
+            return tuple(triton_d2sm.d2sm_forward(sp, st, dots_p, dots_t, rows, paper, eps))
+    raise ValueError(f"{_OP}: backend {backend!r} has no fused op")
+
+
+def _rows_combine(backend, g, bank):
+    """``g @ bank``: [N, q] x [q, D] -> [N, D], the gradient of the N rows from grad_rows.
+
+    On the CPU with few rows, one single-threaded mm per thread on a slice of D (see d2sm.cpp)."""
+    if backend == "cpu" and g.shape[0] < 64:
+        return _ext.load("_C")[0].d2sm_rows_combine(g, bank)
+    return torch.mm(g, bank)
+
+
+@torch.library.custom_op("fastloss::d2sm_forward", mutates_args=())
+def _d2sm_forward(x: Tensor, bank: Tensor, sp: Tensor, st: Tensor, dots_p: Tensor, dots_t: Tensor, rows: Tensor,
+                  mode: str, eps: float, backend: str) -> Tuple[Tensor, Tensor]:
+    """The D2SM KL over the set whose normalized rows are ``bank`` [q, D], and dL/dx.
+
+    ``sp``, ``st`` [q, q]: the pred and target similarities ``bank bank^T`` (symmetric);
+    ``dots_p``, ``dots_t`` [q] float64: their row sums; ``rows`` [N] int64: where the rows of ``x``
+    [N, D] sit in ``bank`` (their values are already there; ``x`` is the input that carries their
+    gradient). Returns (loss 0-dim, grad_x [N, D]); the gradient is computed here, in the forward,
+    so that nothing refers to ``bank`` afterwards (a queue overwrites it in place).
+    """
+    loss, grad_rows = _fused_impl(backend, sp, st, dots_p, dots_t, rows, mode == "paper", eps)
+    return loss, _rows_combine(backend, grad_rows, bank)
+
+
+@_d2sm_forward.register_fake
+def _(x, bank, sp, st, dots_p, dots_t, rows, mode, eps, backend):
+    return sp.new_empty(()), bank.new_empty((rows.shape[0], bank.shape[1]))
+
+
+_DOUBLE_BACKWARD = ("d2sm: double backward (create_graph=True) is not supported: the fused op computes "
+                    "the gradient in its forward and is not itself differentiable")
+
+
+def _setup_context(ctx, inputs, output):
+    x = inputs[0]
+    _, grad_x = output
+    ctx.save_for_backward(grad_x)
+    ctx.x_shape = tuple(x.shape)
+    ctx.dtype = x.dtype
+    ctx.mark_non_differentiable(grad_x)
+
+
+def _backward(ctx, grad_loss, _):
+    if torch.is_grad_enabled():
+        raise RuntimeError(_DOUBLE_BACKWARD)
+    (grad_x,) = ctx.saved_tensors
+    if tuple(grad_x.shape) != ctx.x_shape:
+        raise RuntimeError(f"d2sm: the forward computed the gradient of {grad_x.shape[0]} rows but x has "
+                           f"shape {ctx.x_shape}: pass rows for every row of x when x needs gradient")
+    return (grad_loss * grad_x).to(ctx.dtype), None, None, None, None, None, None, None, None, None
+
+
+_d2sm_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastloss::d2sm_normalize", mutates_args=())
+def _d2sm_normalize(f: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """``_normalize`` on the CPU in C++: (f_hat [R, D], norms [R] float64). One pass per row and
+    no thread fork for a queue call's few rows: a dozen small ATen ops (and their backward) each
+    fork threads, which costs milliseconds apiece when another process holds a core."""
+    return tuple(_ext.load("_C")[0].d2sm_normalize(f, eps))
+
+
+@_d2sm_normalize.register_fake
+def _(f, eps):
+    return f.new_empty(f.shape), f.new_empty((f.shape[0],), dtype=torch.float64)
+
+
+@torch.library.custom_op("fastloss::d2sm_normalize_backward", mutates_args=())
+def _d2sm_normalize_backward(grad: Tensor, f: Tensor, norms: Tensor, eps: float) -> Tensor:
+    """The gradient of ``f`` through ``_d2sm_normalize``, as autograd differentiates ``_normalize``."""
+    return _ext.load("_C")[0].d2sm_normalize_backward(grad, f, norms, eps)
+
+
+@_d2sm_normalize_backward.register_fake
+def _(grad, f, norms, eps):
+    return f.new_empty(f.shape)
+
+
+def _normalize_setup_context(ctx, inputs, output):
+    f, eps = inputs
+    ctx.save_for_backward(f, output[1])
+    ctx.eps = eps
+    ctx.mark_non_differentiable(output[1])
+
+
+def _normalize_backward(ctx, grad, _):
+    if torch.is_grad_enabled():
+        raise RuntimeError(_DOUBLE_BACKWARD)
+    f, norms = ctx.saved_tensors
+    return _d2sm_normalize_backward(grad, f, norms, ctx.eps), None
+
+
+_d2sm_normalize.register_autograd(_normalize_backward, setup_context=_normalize_setup_context)
+
+
+def _normalize_rows(f: Tensor, eps: float, backend: str) -> Tensor:
+    """``_normalize`` of [R, D] rows: the C++ op on the cpu backend, torch ops elsewhere."""
+    if backend == "cpu":
+        return _d2sm_normalize(f, float(eps))[0]
+    return _normalize(f, eps)
+
+
+# --------------------------------------------------------------------------- public op
+def _row_sums(f: Tensor, chunk: int = 256) -> Tensor:
+    """``f_hat_i . sum_k f_hat_k`` for every row, in float64, a few rows at a time: [q, D] -> [q]."""
+    s = f.sum(0, dtype=torch.float64)  # [D]
+    return torch.cat([f[i:i + chunk].to(torch.float64) @ s for i in range(0, f.shape[0], chunk)])
+
+
+def d2sm_kl(pred: Tensor, target: Tensor, *, mode: str = "paper", eps: float = 1e-6, backend: str = "auto") -> Tensor:
+    """The D2SM KL of ``pred`` against ``target`` (module docstring): a 0-dim tensor.
+
+    ``pred`` and ``target`` are (q, D, ...) of one shape, q >= 2 rows (trailing dims are
+    flattened); only ``pred`` gets gradient. ``mode``: ``"paper"`` (diagonal excluded, mean over
+    the q anchors) or ``"pkt"`` (the published code: diagonal included, mean over q*q entries).
+    float16 / bfloat16 are computed in float32 and the result has the input dtype. ``backend``:
+    ``auto`` (default), ``reference``, ``cpu``, ``triton`` or ``cuda``; see ``fastloss.backends()``.
+    """
+    _check_features(pred, target, _OP, min_rows=2)
+    _check_mode_eps(mode, eps, _OP)
+    name = _backend.resolve(_OP, backend, pred.device, pred.dtype)
+    if name == "reference":
+        return d2sm_reference(pred, target, mode, eps)
+    acc = _acc_dtype(pred.dtype)
+    x = _normalize_rows(pred.flatten(1).to(acc), eps, name)  # [q, D], carries the gradient
+    with torch.no_grad():
+        y = _normalize_rows(target.detach().flatten(1).to(acc), eps, name)
+        xd = x.detach()
+        sp, st = xd @ xd.T, y @ y.T  # [q, q] cosine similarities
+        dots_p, dots_t = _row_sums(xd), _row_sums(y)  # [q] float64, no q x q pass
+    q = x.shape[0]
+    need_grad = torch.is_grad_enabled() and x.requires_grad
+    rows = torch.arange(q if need_grad else 0, device=x.device)
+    loss = _d2sm_forward(x, xd, sp, st, dots_p, dots_t, rows, mode, float(eps), name)[0]
+    return loss.to(pred.dtype)
+
+
+# --------------------------------------------------------------------------- distributed
+def _dist_world():
+    """(world size, rank) of the default process group, or (1, 0) without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _all_gather_rows(p: Tensor, t: Tensor, op: str) -> Tuple[Tensor, Tensor]:
+    """Every rank's [B, D] rows of p and t, concatenated in rank order: ([W*B, D], [W*B, D])."""
+    dist = torch.distributed
+    world = dist.get_world_size()
+    size = torch.tensor([p.shape[0]], dtype=torch.int64, device=p.device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s.item()) for s in sizes]
+    if len(set(sizes)) != 1:
+        raise ValueError(f"{op}: under torch.distributed every rank must pass the same batch size, got {sizes}")
+    both = torch.cat([p, t], 1).contiguous()  # [B, 2D]: one collective for both sides
+    out = [torch.empty_like(both) for _ in range(world)]
+    dist.all_gather(out, both)
+    rows = torch.cat(out)  # [W*B, 2D]
+    d = p.shape[1]
+    return rows[:, :d], rows[:, d:]
+
+
+# --------------------------------------------------------------------------- the queue
+class D2SMQueue(nn.Module):
+    """The D2SM KL over the current batch plus a FIFO of past rows, with an incremental cache.
+
+    ``queue(pred_feats, target_feats)``, both (B, D, ...) of one shape, returns the D2SM KL
+    (``mode``, ``eps`` as in ``d2sm_kl``) over a set of q rows: the batch's rows, which carry the
+    gradient of ``pred_feats``, and the ``queue_size - B`` most recent earlier rows, detached
+    (fewer while the queue fills up, so q = min(rows seen, queue_size)). Then the batch enters
+    the queue and the oldest rows leave. A call with a set of fewer than 2 rows (the first call,
+    with B = 1) returns a zero loss that still has a graph.
+
+    The queues hold normalized rows. ``pred_sim`` / ``target_sim`` cache the queue_size x
+    queue_size similarities and ``pred_rowsum`` / ``target_rowsum`` each row's sum of them
+    (float64; ``f_hat_i . sum_k f_hat_k``, the row normalizers, kept as running sums): a call
+    computes only its B new rows against the set, writes them into the cache in place, updates
+    the running sums by the entries that changed (O(B q)), and runs the fused op over the cached
+    matrices. All of these are buffers (``state_dict`` carries them; the fill level travels as
+    extra state), so training resumes exactly. ``reset()`` empties the queue.
+
+    Under ``torch.distributed`` each call all-gathers the batch rows of every rank (in rank
+    order, every rank the same B) so that every rank holds the same queue and computes the same
+    loss, that of one process over the concatenated batch; the gradient reaches only the local
+    rows. ``queue_size`` must be at least the rows of one call (B, times the world size).
+    """
+
+    _BUFFERS = ("pred_queue", "target_queue", "pred_sim", "target_sim", "pred_rowsum", "target_rowsum")
+
+    def __init__(self, queue_size: int = 256, mode: str = "paper", eps: float = 1e-6, backend: str = "auto"):
+        super().__init__()
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 2:
+            raise ValueError(f"D2SMQueue: queue_size must be an int >= 2, got {queue_size!r}")
+        _check_mode_eps(mode, eps, "D2SMQueue")
+        _backend.requested(backend, "D2SMQueue")
+        self.queue_size, self.mode, self.eps, self.backend = queue_size, mode, float(eps), backend
+        self.filled, self.ptr = 0, 0  # rows in the queue; slot the next row goes to
+        for name in self._BUFFERS:
+            self.register_buffer(name, None)
+        # follows .to(device): where a queue loaded from a state dict before any call is placed
+        self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
+
+    def extra_repr(self):
+        return f"queue_size={self.queue_size}, mode={self.mode!r}, eps={self.eps}, filled={self.filled}"
+
+    def reset(self):
+        """Empty the queues (the next call starts a new warm-up)."""
+        for name in self._BUFFERS:
+            setattr(self, name, None)
+        self.filled, self.ptr = 0, 0
+
+    def get_extra_state(self):
+        return {"filled": self.filled, "ptr": self.ptr, "queue_size": self.queue_size}
+
+    def set_extra_state(self, state):
+        if state["queue_size"] != self.queue_size:
+            raise ValueError(f"D2SMQueue: the state has queue_size={state['queue_size']}, this queue has "
+                             f"queue_size={self.queue_size}")
+        self.filled, self.ptr = int(state["filled"]), int(state["ptr"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        present = [prefix + name in state_dict for name in self._BUFFERS]
+        if all(present):  # allocate what the state holds, then the base class copies it in
+            for name in self._BUFFERS:
+                src, cur = state_dict[prefix + name], getattr(self, name)
+                if cur is None or cur.shape != src.shape or cur.dtype != src.dtype:
+                    device = cur.device if cur is not None else self._device_anchor.device
+                    setattr(self, name, torch.empty(src.shape, dtype=src.dtype, device=device))
+        elif not any(present):  # saved empty
+            for name in self._BUFFERS:
+                setattr(self, name, None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _allocate(self, d, dtype, device):
+        n = self.queue_size
+        self.pred_queue = torch.zeros(n, d, dtype=dtype, device=device)    # [n, D] normalized rows, ring
+        self.target_queue = torch.zeros(n, d, dtype=dtype, device=device)
+        self.pred_sim = torch.zeros(n, n, dtype=dtype, device=device)      # [n, n] similarities by slot
+        self.target_sim = torch.zeros(n, n, dtype=dtype, device=device)
+        self.pred_rowsum = torch.zeros(n, dtype=torch.float64, device=device)  # [n] row sums of the cache
+        self.target_rowsum = torch.zeros(n, dtype=torch.float64, device=device)
+
+    def _restore_dtypes(self):
+        """After ``module.half()`` (or ``.to(dtype)``): rows and caches in float32 at least, row
+        sums in float64, recomputed from the cache (a float16 copy of them no longer matches it)."""
+        for name in ("pred_queue", "target_queue", "pred_sim", "target_sim"):
+            t = getattr(self, name)
+            if t.dtype not in (torch.float32, torch.float64):
+                setattr(self, name, t.float())
+        for name, sim in (("pred_rowsum", self.pred_sim), ("target_rowsum", self.target_sim)):
+            if getattr(self, name).dtype != torch.float64:
+                rowsum = torch.zeros(self.queue_size, dtype=torch.float64, device=sim.device)
+                rowsum[:self.filled] = sim[:self.filled, :self.filled].sum(1, dtype=torch.float64)
+                setattr(self, name, rowsum)
+
+    def _insert(self, new_p, new_t, slots, q, backend):
+        """Write the new rows [N, D] of both sides into ``slots``, update the caches and their
+        running row sums in place; return both sides' row sums over the set, [q] float64."""
+        if backend == "cpu":  # both sides at once, one single-threaded mm per thread
+            return _ext.load("_C")[0].d2sm_queue_insert(
+                new_p, new_t, slots, q, self.pred_queue, self.target_queue, self.pred_sim, self.target_sim,
+                self.pred_rowsum, self.target_rowsum)
+        dots = []
+        for new, bank, sim, rowsum in ((new_p, self.pred_queue, self.pred_sim, self.pred_rowsum),
+                                       (new_t, self.target_queue, self.target_sim, self.target_rowsum)):
+            bank.index_copy_(0, slots, new)
+            m = new @ bank[:q].T  # [N, q] the new rows against the set
+            old = sim[:q].index_select(1, slots)  # [q, N] the entries they replace
+            sim[:q].index_copy_(1, slots, m.T.contiguous())
+            sim[:, :q].index_copy_(0, slots, m)
+            block = m.index_select(1, slots).triu()  # [N, N]: one product for both entries of a pair
+            sim[slots[:, None], slots[None, :]] = block + block.triu(1).T
+            rowsum[:q] += (m.T.to(torch.float64) - old.to(torch.float64)).sum(1)
+            rowsum.index_copy_(0, slots, sim[:, :q].index_select(0, slots).sum(1, dtype=torch.float64))
+            dots.append(rowsum[:q].clone())
+        return dots
+
+    def forward(self, pred_feats: Tensor, target_feats: Tensor) -> Tensor:
+        op = "D2SMQueue"
+        _check_features(pred_feats, target_feats, op, "pred_feats", "target_feats")
+        x_in = pred_feats.flatten(1)
+        b, d = x_in.shape
+        world, rank = _dist_world()
+        n = world * b
+        if n > self.queue_size:
+            where = f"{b} rows x {world} ranks" if world > 1 else f"{b} rows"
+            raise ValueError(f"D2SMQueue: queue_size={self.queue_size} is smaller than the batch ({where})")
+        if self.pred_queue is not None:
+            self._restore_dtypes()
+            if self.pred_queue.shape[1] != d:
+                raise ValueError(f"D2SMQueue: the features have D={d} per row but the queue holds D="
+                                 f"{self.pred_queue.shape[1]}; call reset() to start a new queue")
+            if self.pred_queue.device != x_in.device:
+                raise ValueError(f"D2SMQueue: the queue is on {self.pred_queue.device} but the features are on "
+                                 f"{x_in.device}; move the module with .to(device)")
+            dtype = self.pred_queue.dtype
+        else:
+            dtype = _acc_dtype(pred_feats.dtype)
+        name = _backend.resolve(_OP, self.backend, x_in.device, dtype)
+
+        x = _normalize_rows(x_in.to(dtype), self.eps, name)  # [B, D], carries the gradient
+        with torch.no_grad():
+            y = _normalize_rows(target_feats.detach().flatten(1).to(dtype), self.eps, name)
+            new_p, new_t = x.detach(), y
+            if world > 1:
+                new_p, new_t = _all_gather_rows(new_p, new_t, op)  # [W*B, D], rank order
+            if self.pred_queue is None:
+                self._allocate(d, dtype, x.device)
+            slots = (self.ptr + torch.arange(n, device=x.device)) % self.queue_size  # [W*B] ring slots
+            q = min(self.filled + n, self.queue_size)
+            dots_p, dots_t = self._insert(new_p, new_t, slots, q, name)
+            self.filled, self.ptr = q, (self.ptr + n) % self.queue_size
+        if q < 2:
+            return (x.sum() * 0).to(pred_feats.dtype)
+        local = slots[rank * b:(rank + 1) * b]  # where this rank's rows sit
+        if name == "reference":
+            loss = self._reference_loss(x, new_p, slots, local, q, rank, b)
+        else:
+            need_grad = torch.is_grad_enabled() and x.requires_grad
+            loss = _d2sm_forward(x, self.pred_queue[:q], self.pred_sim[:q, :q], self.target_sim[:q, :q], dots_p,
+                                 dots_t, local if need_grad else local[:0], self.mode, self.eps, name)[0]
+        return loss.to(pred_feats.dtype)
+
+    def _reference_loss(self, x, new_p, slots, local, q, rank, b):
+        """Plain PyTorch with autograd over the cached similarities: the new rows' entries are
+        recomputed from ``x`` so that the gradient flows through them."""
+        rows = torch.cat([new_p[:rank * b], x, new_p[(rank + 1) * b:]])  # [N, D], local rows carry grad
+        sp_new = rows @ self.pred_queue[:q].T  # [N, q]
+        block = rows @ rows.T  # [N, N]: both factors of a new-new entry carry the gradient
+        sp = self.pred_sim[:q, :q].clone()
+        sp = sp.index_put((slots,), sp_new)
+        sp = sp.T.index_put((slots,), sp_new).T
+        sp = sp.index_put((slots[:, None], slots[None, :]), block)
+        return _kl_from_sims(sp, self.target_sim[:q, :q], self.mode, self.eps)
+
+
+# --------------------------------------------------------------------------- the module
+class D2SMLoss(nn.Module):
+    """``weight * D2SMQueue(Phi(restored), Phi(clean))`` on (B, 3, H, W) images in [0, 1].
+
+    ``Phi``: a frozen VGG (ImageNet-normalized inputs) up to ``layer`` (default: VGG19 conv5_4,
+    before its ReLU, as the published code), the whole map flattened to one row per sample, or
+    any ``nn.Module`` mapping images to features (a tensor, or a dict holding ``layer``). The
+    clean features are computed without autograd. With ``internal_patches=True`` each image is
+    cut into ``patch_size`` windows at ``patch_stride`` (as ``Tensor.unfold``: windows that would
+    cross the border are not taken) and the patches are the samples. ``extractor_weights``: a
+    path, ``"torchvision"`` (the local torch hub cache, never downloaded) or ``None`` (random
+    init). ``reset()`` empties the queue; ``state_dict()`` carries it.
+    """
+
+    def __init__(self, extractor="vgg19", layer: str = "conv5_4", queue_size: int = 256, mode: str = "paper",
+                 internal_patches: bool = False, patch_size: int = 224, patch_stride: int = 56, weight: float = 1.0,
+                 extractor_weights="torchvision", eps: float = 1e-6, backend: str = "auto"):
+        super().__init__()
+        for name, v in (("patch_size", patch_size), ("patch_stride", patch_stride)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"D2SMLoss: {name} must be an int >= 1, got {v!r}")
+        self.layer, self.internal_patches = layer, bool(internal_patches)
+        self.patch_size, self.patch_stride, self.weight = patch_size, patch_stride, float(weight)
+        if isinstance(extractor, nn.Module):
+            self.extractor = extractor
+        elif extractor in ("vgg16", "vgg19"):
+            from .features import VGG
+
+            self.extractor = VGG(extractor, layers=(layer,), weights=extractor_weights)
+        else:
+            raise ValueError(f"D2SMLoss: extractor must be 'vgg16', 'vgg19' or an nn.Module, got {extractor!r}")
+        self.queue = D2SMQueue(queue_size, mode, eps, backend)
+
+    def reset(self):
+        """Empty the queue."""
+        self.queue.reset()
+
+    def patches(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B * nH * nW, C, patch_size, patch_size), windows in row-major order."""
+        ps, st = self.patch_size, self.patch_stride
+        if x.shape[-2] < ps or x.shape[-1] < ps:
+            raise ValueError(f"D2SMLoss: images of {tuple(x.shape[-2:])} are smaller than patch_size={ps}")
+        p = x.unfold(2, ps, st).unfold(3, ps, st)  # [B, C, nH, nW, ps, ps]
+        return p.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1], ps, ps)
+
+    def _features(self, x):
+        out = self.extractor(x)
+        if isinstance(out, dict):
+            if self.layer not in out:
+                raise ValueError(f"D2SMLoss: the extractor did not return layer {self.layer!r} (got {list(out)})")
+            out = out[self.layer]
+        return out.flatten(1)
+
+    def forward(self, restored: Tensor, clean: Tensor) -> Tensor:
+        for name, t in (("restored", restored), ("clean", clean)):
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                raise TypeError(f"D2SMLoss: {name} must be a floating-point tensor, got "
+                                f"{getattr(t, 'dtype', type(t).__name__)}")
+            if t.dim() != 4:
+                raise ValueError(f"D2SMLoss: {name} must be (B, C, H, W), got shape {tuple(t.shape)}")
+        if restored.shape != clean.shape:
+            raise ValueError(f"D2SMLoss: restored and clean shapes differ: {tuple(restored.shape)} vs "
+                             f"{tuple(clean.shape)}")
+        if self.internal_patches:
+            restored, clean = self.patches(restored), self.patches(clean)
+        fu = self._features(restored)
+        with torch.no_grad():
+            fv = self._features(clean)
+        return self.weight * self.queue(fu, fv)
