@@ -63,8 +63,10 @@ setup(
     name="fastloss",
     version="0.1.0",
     description="Fused, fast, exactly-right perceptual losses (PDL, D2SM, MDF) for PyTorch",
-    packages=["fastloss", "fastloss.kernels"],
+    packages=["fastloss", "fastloss.kernels", "fastloss.mdf"],
     package_dir={"fastloss": "fastloss", "fastloss.kernels": "kernels"},
+    # the shipped MDF discriminator sets and the seed image they were trained on
+    package_data={"fastloss.mdf": ["data/*.safetensors", "data/seed.png"]},
     python_requires=">=3.9",
     # No torch pin here: the torch already installed is the one the extension is built
     # against, and pip must never fetch another one while installing fastloss.

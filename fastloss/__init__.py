@@ -12,8 +12,13 @@ import torch  # noqa: F401  (load libtorch before the extensions)
 
 from ._backend import BACKENDS, BackendError, backends, deterministic, use_backend, use_deterministic
 from .pdl import PDLLoss, pdl, pdl_reference
+from . import mdf
+from .mdf import MDFLoss
+from .d2sm import D2SMLoss, D2SMQueue, d2sm_kl, d2sm_reference
 
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "BackendError", "backends", "use_backend", "use_deterministic", "deterministic", "pdl", "pdl_reference", "PDLLoss",
+           "d2sm_kl", "d2sm_reference", "D2SMQueue", "D2SMLoss",
            "__version__"]
+__all__ += ["mdf", "MDFLoss"]

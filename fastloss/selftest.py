@@ -33,11 +33,71 @@ def _pdl_case(shape, p):
     return f"pdl p={p} {tuple(shape)}", make, run
 
 
+def _d2sm_case(q, d, mode):
+    # Signed features: with post-ReLU ones every cosine is positive, the KL is tiny and the
+    # float32 reference's own rounding (up to 1e-4 relative at q = 256) would be what is compared.
+    scale = float(q * q if mode == "pkt" else q)  # the sum over entries (pkt) or anchors (paper): O(0.1)
+
+    def make(device, dtype):
+        x = torch.randn(q, d, device=device, dtype=dtype)
+        y = torch.randn(q, d, device=device, dtype=dtype) + 0.1 * x
+        x[1] = x[0]  # a duplicate row
+        return x, y
+
+    def run(inputs, backend):
+        x, y = inputs[0].detach().clone().requires_grad_(), inputs[1]
+        out = fastloss.d2sm_kl(x, y, mode=mode, backend=backend) * scale
+        out.backward(torch.tensor(1e3, device=out.device, dtype=out.dtype))  # gradients of order 1e-4..1e2
+        return out.detach(), (x.grad,)
+
+    return f"d2sm {mode} ({q}, {d})", make, run
+
+
+def _mdf_case(shape, grouped):
+    """MDF on a random 3-discriminator set (widths 8, 8, 16). The value is compared in the dtype
+    asked for; the input gradient in float64, because in float32 a pre-activation within rounding
+    of 0 may take the other LeakyReLU branch in any reordering, and move the gradient of that pixel."""
+    from fastloss.mdf import MDFWeights, tensor_names
+
+    def make(device, dtype):
+        g = torch.Generator().manual_seed(0)
+        discs = []
+        for n in (8, 8, 16):
+            d = {}
+            for k in tensor_names():
+                if k.endswith("conv.weight"):
+                    shape_k = (n, 3 if k.startswith("head.") else n, 3, 3)
+                else:
+                    shape_k = {"tail.weight": (1, n, 3, 3), "tail.bias": (1,)}.get(k, (n,))
+                d[k] = torch.randn(shape_k, generator=g) * 0.3
+                if k.endswith("running_var") or k.endswith("norm.weight"):
+                    d[k] = d[k].abs() + 0.5
+            discs.append(d)
+        w = MDFWeights(discs, (8, 8, 16))
+        x = torch.rand(shape, device=device, dtype=dtype)
+        y = (x + 0.1 * torch.randn(shape, device=device, dtype=dtype)).clamp(0, 1)
+        return w, x, y
+
+    def run(inputs, backend):
+        w, x, y = inputs
+        crit = fastloss.MDFLoss(w, scales=3, backend=backend, grouped=grouped)
+        out = crit(x, y)
+        x64 = x.detach().double().requires_grad_()
+        crit(x64, y.double()).backward(torch.tensor(0.7, dtype=torch.float64, device=x.device))
+        return out.detach(), (x64.grad,)
+
+    return f"mdf {tuple(shape)}{' grouped' if grouped else ''}", make, run
+
+
 def cases(quick):
     shapes = [(2, 3, 1), (2, 4, 5, 7), (3, 8, 33, 17)]
     if not quick:
         shapes += [(4, 64, 64, 64), (8, 256, 32, 32), (2, 16, 128, 128)]
-    return [_pdl_case(s, p) for s in shapes for p in (1, 2)]
+    d2sm_shapes = [(8, 16), (37, 50)] + ([] if quick else [(256, 4096), (1024, 8192)])
+    return [_pdl_case(s, p) for s in shapes for p in (1, 2)] + [
+        _d2sm_case(q, d, mode) for q, d in d2sm_shapes for mode in ("paper", "pkt")] + [
+        _mdf_case(s, grouped) for s in [(1, 3, 11, 11), (2, 3, 33, 57)] + ([] if quick else [(4, 3, 128, 128)])
+        for grouped in (False, True)]
 
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 3e-2}

@@ -1,0 +1,114 @@
+"""MDF forward+backward: the fast path side by side with the published-order reference.
+
+    python benchmarks/bench_mdf.py [--reps 7] [--shape 4x3x128x128] [--weights PATH] [--no-write]
+
+Weights default to the published ``Ds_JPEG.pth`` (8 discriminators, widths 32 x 4 and 64 x 4) in
+``../shared/mdf-official``, else the shipped ``jpeg`` set. Times are medians of ``--reps``
+interleaved runs in one process; peak extra memory is measured in a fresh process per provider.
+Writes the ``mdf`` section of BENCHMARKS.md unless --no-write.
+"""
+import argparse
+import os
+import sys
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import fastloss  # noqa: E402
+
+OFFICIAL_JPEG = os.path.join(common.ROOT, "..", "shared", "mdf-official", "Ds_JPEG.pth")
+
+
+def default_weights():
+    return os.path.normpath(OFFICIAL_JPEG) if os.path.isfile(OFFICIAL_JPEG) else "jpeg"
+
+
+def providers(weights):
+    """name -> MDFLoss; the reference runs the published order of operations."""
+    out = {"fastloss[reference]": fastloss.MDFLoss(weights, backend="reference")}
+    if fastloss.backends()["cpu"]["available"]:
+        out["fastloss[cpu]"] = fastloss.MDFLoss(weights, backend="cpu", grouped=False)
+        out["fastloss[cpu, grouped convs]"] = fastloss.MDFLoss(weights, backend="cpu", grouped=True)
+    return out
+
+
+def _inputs(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.rand(shape, generator=g)                                        # clean image in [0, 1]
+    x = (y + 0.1 * torch.randn(shape, generator=g)).clamp(0, 1).requires_grad_()  # restored image
+    return x, y
+
+
+def peak_memory(name, shape, weights):
+    """Peak extra bytes of one forward+backward of provider ``name`` (run in a fresh process)."""
+    warnings.simplefilter("ignore")
+    crit = providers(weights)[name]
+    x, y = _inputs((1, 3, 16, 16))
+    crit(x, y).backward()  # load extensions and code paths first
+    x, y = _inputs(tuple(shape))
+    return common.peak_extra_bytes(lambda: crit(x, y).backward())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="4x3x128x128", help="BxCxHxW, default: %(default)s")
+    ap.add_argument("--weights", default=None, help="a published .pth, a project file or a shipped name")
+    ap.add_argument("--reps", type=int, default=7, help="timed runs per provider (median), default 7")
+    ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    args = ap.parse_args(argv)
+    if args.reps < 1:
+        ap.error("--reps must be >= 1")
+    try:
+        shape = tuple(int(v) for v in args.shape.split("x"))
+        assert len(shape) == 4
+    except (ValueError, AssertionError):
+        ap.error(f"--shape takes BxCxHxW like 4x3x128x128, got {args.shape!r}")
+    weights = args.weights or default_weights()
+    warnings.simplefilter("ignore")
+    info = common.machine()
+    provs = providers(weights)
+    x, y = _inputs(shape)
+
+    def call(crit):
+        x.grad = None
+        crit(x, y).backward()
+
+    med, runs = common.time_interleaved({k: (lambda c=c: call(c)) for k, c in provs.items()}, args.reps)
+    mem = {k: common.measure_in_subprocess("bench_mdf", "peak_memory", k, list(shape), weights) for k in provs}
+    ref_t, ref_m = med["fastloss[reference]"], mem["fastloss[reference]"]
+    rows = []
+    for k in provs:
+        lo, hi = min(runs[k]), max(runs[k])
+        rows.append((k, med[k] * 1e3, lo * 1e3, hi * 1e3, ref_t / med[k], mem[k] / 2**20, mem[k] / ref_m))
+        print(f"{k:<30} {med[k]*1e3:8.0f} ms (min {lo*1e3:.0f}, max {hi*1e3:.0f})  {ref_t/med[k]:5.2f}x vs reference"
+              f"  peak extra {mem[k]/2**20:7.1f} MiB ({mem[k]/ref_m:5.1%} of reference)", flush=True)
+
+    w = fastloss.mdf.load(weights)
+    cmd = "python benchmarks/bench_mdf.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = ["## MDF: forward + backward, float32", "",
+             f"Command: `{cmd.strip()}` (median of {args.reps} interleaved runs in one process; peak extra "
+             "resident memory of one forward+backward, each provider in a fresh process).", "",
+             f"Input {shape}, weights `{os.path.basename(str(weights))}` ({len(w)} discriminators, widths "
+             f"{list(w.widths)}; all 8 first ones used, coarsest first).", ""]
+    lines += common.machine_lines(info) + ["", "| provider | median ms | min / max ms | speed-up vs reference | "
+                                           "peak extra MiB | memory vs reference |", "|---|---:|---:|---:|---:|---:|"]
+    for k, ms, lo, hi, sp, mib, mr in rows:
+        lines.append(f"| {k} | {ms:.0f} | {lo:.0f} / {hi:.0f} | {sp:.2f}x | {mib:.1f} | {mr:.0%} |")
+    lines += ["", "The reference is `MDFLoss(..., backend=\"reference\")`: the published order of operations "
+              "(per discriminator, pred then target through conv, BatchNorm, LeakyReLU; autograd through torch "
+              "ops; frozen discriminators). `fastloss[cpu]` is the fast path (BatchNorm folded, pred and target "
+              "in one batch without autograd, one merged head convolution, bias and LeakyReLU fused into oneDNN "
+              "convolutions, the 24 squared-difference reductions in one C++ op) with the discriminators run "
+              "one by one on their slice of the merged head, the CPU default; `grouped convs` merges "
+              "equal-width discriminators into grouped convolutions, the CUDA default."]
+    if not args.no_write:
+        common.write_section("mdf", "\n".join(lines))
+        print(f"wrote the mdf section of {common.BENCHMARKS_MD}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""MDF in Triton: the squared-difference reductions of all feature pairs, one launch each way.
+
+Every feature tensor X_m [2B, C_m, H_m, W_m] holds pred (samples [0, B)) and target ([B, 2B)), each
+sample dense in NCHW or NHWC; w_m [C_m] is the weight 1 / (C_f H W) of the feature owning channel c:
+
+    loss[b]         = sum_m sum_c w_m[c] sum_{h,w} (X_m[b,c,h,w] - X_m[B+b,c,h,w])^2
+    diff_m[b,c,h,w] = X_m[b,c,h,w] - X_m[B+b,c,h,w]           (written by the forward when asked)
+    grad_m[b,c,h,w] = g[b] * 2 w_m[c] * diff_m[b,c,h,w]        (the backward, pred half)
+
+The contract is the one of the C++ CPU op in csrc/cpu/mdf.cpp. All tensors go into one launch
+through a descriptor table (int64 [M, 8]: data address, elements per sample, C, channel divisor
+(H*W for NCHW, 1 for NHWC), weight address, output address (diff or gradient), first chunk,
+unused): program (k, b) finds the tensor that owns chunk k, reduces or writes BLOCK elements of
+sample b, and the forward's partial sums [B, K] are added in a fixed order afterwards
+(deterministic, no atomics). float16 / bfloat16 are computed in float32, float64 in float64.
+
+``bias_leaky_relu_(y, b, slope)`` is the fused epilogue of the fast path's convolutions on this
+backend: ``y = LeakyReLU(y + b[c])`` in place, one pass over a convolution output computed
+without its bias.
+"""
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["mdf_sqdiff_forward", "mdf_sqdiff_backward", "bias_leaky_relu_", "TRITON_BLOCK"]
+
+TRITON_BLOCK = 1024  # elements per program; a module variable so that tests can lower it
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
+              torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _find_tensor(desc_ptr, M, k):
+    """The index m of the tensor whose chunks [desc[m, 6], desc[m+1, 6]) hold chunk k."""
+    m_sel = 0
+    for m in range(1, M):
+        start = tl.load(desc_ptr + m * 8 + 6)
+        m_sel = tl.where(k >= start, m, m_sel)
+    return m_sel
+
+
+@triton.jit
+def _mdf_fwd_kernel(
+    desc_ptr,                      # [M, 8] int64 descriptor table
+    partial_ptr,                   # [B, K] acc dtype
+    M, K, B,
+    X_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, SAVE_DIFF: tl.constexpr, BLOCK: tl.constexpr,
+):
+    k = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    m = _find_tensor(desc_ptr, M, k)
+    row = desc_ptr + m * 8
+    x = tl.load(row + 0).to(tl.pointer_type(X_DTYPE))
+    n = tl.load(row + 1)
+    C = tl.load(row + 2)
+    cdiv = tl.load(row + 3)
+    w = tl.load(row + 4).to(tl.pointer_type(ACC_DTYPE))
+    first = tl.load(row + 6)
+    offs = (k - first).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    p = tl.load(x + b * n + offs, mask=mask, other=0).to(ACC_DTYPE)
+    t = tl.load(x + (B + b) * n + offs, mask=mask, other=0).to(ACC_DTYPE)
+    c = (offs // cdiv) % C
+    wc = tl.load(w + c, mask=mask, other=0)
+    d = p - t
+    if SAVE_DIFF:
+        out = tl.load(row + 5).to(tl.pointer_type(X_DTYPE))
+        tl.store(out + b * n + offs, d.to(X_DTYPE), mask=mask)
+    tl.store(partial_ptr + b * K + k, tl.sum(wc * d * d, axis=0))
+
+
+@triton.jit
+def _mdf_bwd_kernel(
+    desc_ptr,                      # [M, 8] int64 descriptor table of the diffs [B, C, H, W]
+    grad_ptr,                      # [B] acc dtype
+    M,
+    X_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    k = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    m = _find_tensor(desc_ptr, M, k)
+    row = desc_ptr + m * 8
+    x = tl.load(row + 0).to(tl.pointer_type(X_DTYPE))
+    n = tl.load(row + 1)
+    C = tl.load(row + 2)
+    cdiv = tl.load(row + 3)
+    w = tl.load(row + 4).to(tl.pointer_type(ACC_DTYPE))
+    out = tl.load(row + 5).to(tl.pointer_type(X_DTYPE))
+    first = tl.load(row + 6)
+    offs = (k - first).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    d = tl.load(x + b * n + offs, mask=mask, other=0).to(ACC_DTYPE)
+    c = (offs // cdiv) % C
+    wc = tl.load(w + c, mask=mask, other=0)
+    g2 = 2.0 * tl.load(grad_ptr + b)
+    tl.store(out + b * n + offs, (g2 * wc * d).to(X_DTYPE), mask=mask)
+
+
+@triton.jit
+def _bias_lrelu_kernel(
+    y_ptr,                         # [N, C, H, W] dense (NCHW or NHWC), updated in place
+    b_ptr,                         # [C]
+    total, C, cdiv, slope,
+    ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    c = (offs // cdiv) % C
+    v = tl.load(y_ptr + offs, mask=mask, other=0).to(ACC_DTYPE) + tl.load(b_ptr + c, mask=mask, other=0).to(ACC_DTYPE)
+    v = tl.where(v > 0, v, v * slope)
+    tl.store(y_ptr + offs, v.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def bias_leaky_relu_(y, b, slope):
+    """``y = LeakyReLU(y + b[c], slope)`` in place on a dense NCHW or NHWC tensor; returns y."""
+    if y.dim() != 4 or b.numel() != y.shape[1]:
+        raise ValueError(f"bias_leaky_relu_ (triton): y must be [N, C, H, W] and b [C], got {tuple(y.shape)}, "
+                         f"{tuple(b.shape)}")
+    if y.dtype not in _TL_DTYPES:
+        raise TypeError(f"bias_leaky_relu_ (triton): unsupported dtype {y.dtype}")
+    if y.device.type == "cpu" and not _interpreting():
+        raise ValueError("bias_leaky_relu_ (triton): CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+    C, hw = y.shape[1], y.shape[2] * y.shape[3]
+    if y.is_contiguous():
+        cdiv = hw
+    elif y.is_contiguous(memory_format=torch.channels_last):
+        cdiv = 1
+    else:
+        raise ValueError("bias_leaky_relu_ (triton): y must be dense in NCHW or NHWC")
+    acc = tl.float64 if y.dtype == torch.float64 else tl.float32
+    total = y.numel()
+    if total == 0:
+        return y
+    block = TRITON_BLOCK
+    with _device_guard(y):
+        _bias_lrelu_kernel[(triton.cdiv(total, block),)](y, b.contiguous(), total, C, cdiv, float(slope),
+                                                          ACC_DTYPE=acc, BLOCK=block)
+    return y
+
+
+def _interpreting():
+    return type(_mdf_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _device_guard(t):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _prepare(feats, chan_w, samples, op):
+    if len(feats) == 0 or len(feats) != len(chan_w):
+        raise ValueError(f"{op}: {len(feats)} tensors and {len(chan_w)} channel-weight vectors")
+    dtype, device = feats[0].dtype, feats[0].device
+    if dtype not in _TL_DTYPES:
+        raise TypeError(f"{op}: unsupported dtype {dtype} (float32, float64, float16, bfloat16)")
+    if device.type == "cpu" and not _interpreting():
+        raise ValueError(f"{op}: CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    xs, ws, layout = [], [], []
+    for i, (x, w) in enumerate(zip(feats, chan_w)):
+        if x.dim() != 4 or x.shape[0] != samples or x.dtype != dtype or x.device != device:
+            raise ValueError(f"{op}: tensor {i} must be [{samples}, C, H, W] of {dtype} on {device}, got "
+                             f"{tuple(x.shape)} {x.dtype} on {x.device}")
+        if w.numel() != x.shape[1]:
+            raise ValueError(f"{op}: chan_w[{i}] has {w.numel()} entries for {x.shape[1]} channels")
+        C, hw = x.shape[1], x.shape[2] * x.shape[3]
+        if x.is_contiguous():
+            nhwc = False
+        elif x.is_contiguous(memory_format=torch.channels_last):
+            nhwc = C > 1
+        else:
+            x, nhwc = x.contiguous(), False
+        xs.append(x)
+        ws.append(w.to(device=device, dtype=acc).contiguous())
+        layout.append((C * hw, C, 1 if nhwc else hw, nhwc))
+    return xs, ws, layout, acc
+
+
+def _table(xs, ws, layout, outs, block):
+    rows, first = [], 0
+    for x, w, (n, C, cdiv, _), o in zip(xs, ws, layout, outs):
+        rows.append([x.data_ptr(), n, C, cdiv, w.data_ptr(), o.data_ptr() if o is not None else 0, first, 0])
+        first += triton.cdiv(n, block)
+    return torch.tensor(rows, dtype=torch.int64, device=xs[0].device), first  # [M, 8], K
+
+
+def _like_samples(xs, layout, batch):
+    fmt = [torch.channels_last if nhwc else torch.contiguous_format for (_, _, _, nhwc) in layout]
+    return [torch.empty((batch,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=f)
+            for x, f in zip(xs, fmt)]
+
+
+def mdf_sqdiff_forward(feats, chan_w, batch, save_diff):
+    """(loss [B] (float64 for float64 features, else float32), diffs [B, C_m, H_m, W_m] per tensor
+    when ``save_diff``, else []); see the module docstring."""
+    xs, ws, layout, acc = _prepare(feats, chan_w, 2 * batch, "mdf_sqdiff_forward (triton)")
+    block = TRITON_BLOCK
+    diffs = _like_samples(xs, layout, batch) if save_diff else []
+    desc, K = _table(xs, ws, layout, diffs or [None] * len(xs), block)
+    partial = torch.empty((batch, K), dtype=acc, device=xs[0].device)  # [B, K] per-chunk sums
+    with _device_guard(xs[0]):
+        _mdf_fwd_kernel[(K, batch)](desc, partial, len(xs), K, batch, X_DTYPE=_TL_DTYPES[xs[0].dtype],
+                                    ACC_DTYPE=_TL_DTYPES[acc], SAVE_DIFF=bool(save_diff), BLOCK=block)
+    return partial.sum(dim=1), diffs
+
+
+def mdf_sqdiff_backward(grad, diffs, chan_w):
+    """Per tensor, ``grad[b] * 2 w[c] diff[b]`` as [B, C_m, H_m, W_m] in the diffs' dtype and layout."""
+    batch = diffs[0].shape[0] if diffs else 0
+    xs, ws, layout, acc = _prepare(diffs, chan_w, batch, "mdf_sqdiff_backward (triton)")
+    if grad.numel() != batch:
+        raise ValueError(f"mdf_sqdiff_backward (triton): grad must have {batch} entries, got {tuple(grad.shape)}")
+    outs = _like_samples(xs, layout, batch)
+    block = TRITON_BLOCK
+    desc, K = _table(xs, ws, layout, outs, block)
+    g = grad.reshape(batch).to(acc).contiguous()
+    with _device_guard(xs[0]):
+        _mdf_bwd_kernel[(K, batch)](desc, g, len(xs), X_DTYPE=_TL_DTYPES[xs[0].dtype], ACC_DTYPE=_TL_DTYPES[acc],
+                                    BLOCK=block)
+    return outs

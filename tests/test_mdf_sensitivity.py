@@ -1,0 +1,58 @@
+"""The sets learned their distortion: the loss between clean images and distorted copies grows
+monotonically with the noise level (denoise sets) and as the JPEG quality falls (jpeg sets), for
+the shipped sets and the published ones (benchmarks/mdf_sensitivity.py prints them side by side)."""
+import os
+import sys
+
+import pytest
+import torch
+
+import fastloss
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import mdf_sensitivity as S  # noqa: E402
+
+from test_mdf_weights import needs_official, official  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def x():
+    return S.images()
+
+
+def _increasing(vals):
+    return all(b > a for a, b in zip(vals, vals[1:]))
+
+
+@pytest.mark.parametrize("weights", ["denoise", pytest.param("Ds_Denoising.pth", marks=needs_official)])
+def test_denoise_loss_grows_with_sigma(x, weights):
+    w = official(weights) if weights.endswith(".pth") else weights
+    vals = S.denoise_curve(w, x)
+    assert vals[0] == 0.0 and _increasing(vals), vals
+
+
+@pytest.mark.parametrize("weights", ["jpeg", pytest.param("Ds_JPEG.pth", marks=needs_official)])
+def test_jpeg_loss_grows_as_quality_falls(x, weights):
+    w = official(weights) if weights.endswith(".pth") else weights
+    vals = S.jpeg_curve(w, x)
+    assert vals[0] > 0 and _increasing(vals), vals
+
+
+@pytest.mark.parametrize("name", fastloss.mdf.SHIPPED)
+def test_shipped_sets_load_with_their_training_record(name):
+    w = fastloss.mdf.load(name)
+    assert len(w) == 8 and w.widths == (16,) * 4 + (32,) * 4
+    meta = w.metadata
+    assert meta["options"]["task"] == name and meta["seed_image"] == "seed.png"
+    assert meta["command"].startswith("python -m fastloss.mdf.train --seed-image fastloss/mdf/data/seed.png "
+                                      f"--task {name} --out fastloss/mdf/data/{name}.safetensors")
+    assert os.path.getsize(fastloss.mdf.shipped_path(name)) < 1_000_000
+
+
+def test_default_loss_needs_no_file(x):
+    crit = fastloss.MDFLoss()
+    assert crit.weights.metadata["options"]["task"] == "denoise"
+    y = x.clone().requires_grad_()
+    loss = crit(y, x.flip(-1))
+    loss.backward()
+    assert loss.item() > 0 and torch.isfinite(y.grad).all()
