@@ -223,19 +223,21 @@ void mdf_leaky_relu_backward_(at::Tensor& g, const at::Tensor& mask, double slop
               mask.scalar_type());
   TORCH_CHECK(g.sizes() == mask.sizes(), "mdf_leaky_relu_backward_ (cpu): g ", g.sizes(), " and mask ",
               mask.sizes(), " differ");
-  const bool dense = g.is_non_overlapping_and_dense() && g.strides() == mask.strides() &&
-                     g.storage_offset() == 0 && mask.storage_offset() == 0;
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const bool dense = (g.is_contiguous() && mask.is_contiguous()) ||
+                     (g.dim() == 4 && g.is_contiguous(cl) && mask.is_contiguous(cl));
   if (!dense || !(g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble)) {
     g.mul_(at::where(mask, at::ones({}, g.options()), at::full({}, slope, g.options())));
     return;
   }
   const int64_t n = g.numel();
-  const bool* mp = mask.data_ptr<bool>();
+  const uint8_t* mp = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());  // 0 or 1
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "mdf_leaky_relu_backward_cpu", [&] {
     scalar_t* gp = g.data_ptr<scalar_t>();
-    const scalar_t s = static_cast<scalar_t>(slope);
+    const scalar_t s = static_cast<scalar_t>(slope), rest = scalar_t(1) - s;
     at::parallel_for(0, n, 1 << 16, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) gp[i] *= mp[i] ? scalar_t(1) : s;
+      // branch-free so that the compiler vectorizes it: factor = slope + (1 - slope) * mask
+      for (int64_t i = lo; i < hi; ++i) gp[i] *= s + rest * static_cast<scalar_t>(mp[i]);
     });
   });
 }

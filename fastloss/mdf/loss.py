@@ -155,7 +155,10 @@ def build_params(folded: Sequence[List[Tensor]], widths: Sequence[int], grouped:
     params = [cat(0, order), cat(1, order)]
     for u in units:
         params += [cat(j, u) for j in range(2, 10)]
-    params = [p.to(device=device, dtype=dtype).contiguous() for p in params]
+    # channels_last kernels: every convolution (and transposed one) then works and answers in NHWC,
+    # even where its input has one channel and so no telling layout (the tail's gradient)
+    params = [p.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last) if p.dim() == 4
+              else p.to(device=device, dtype=dtype).contiguous() for p in params]
     return params, [len(u) for u in units], order
 
 
