@@ -153,11 +153,16 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
     ctx.dtype = pred.dtype
     ctx.mark_non_differentiable(perm, perm_t, deriv)
+    # Without this, autograd hands the backward a zero-filled gradient for each of perm, perm_t
+    # and deriv (5 bytes per element): more than the gradient of pred itself.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_w, *_):
     if torch.is_grad_enabled():
         raise RuntimeError(_DOUBLE_BACKWARD)
+    if grad_w is None:  # the loss did not reach the output that was differentiated
+        return None, None, None, None, None
     perm, perm_t, deriv = ctx.saved_tensors
     need_pred, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     gp, gt = _pdl_backward(grad_w, perm, perm_t, deriv, need_pred, need_target, ctx.dtype, ctx.backend)

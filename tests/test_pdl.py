@@ -86,6 +86,45 @@ def test_cpu_permutation_is_stable_argsort_with_ties():
     assert torch.equal(perm.long(), torch.sort(x, dim=-1, stable=True).indices)
 
 
+def _zero_heavy_rows(n, dtype):
+    """Rows that exercise the CPU sort's zero split: +0 and -0 among negatives and positives,
+    all-zero, all -0, no zeros, only negatives and zeros, repeated non-zero values."""
+    g = torch.Generator().manual_seed(n)
+    pick = torch.tensor([-2.0, -1.0, -0.0, 0.0, 0.0, 1.0, 2.0], dtype=torch.float64)
+    rows = [
+        pick[torch.randint(0, len(pick), (n,), generator=g)],
+        torch.where(torch.rand(n, generator=g) < 0.6, 0.0, torch.randn(n, generator=g, dtype=torch.float64)),
+        torch.zeros(n, dtype=torch.float64),
+        torch.full((n,), -0.0, dtype=torch.float64),
+        torch.randn(n, generator=g, dtype=torch.float64),
+        -torch.rand(n, generator=g, dtype=torch.float64).round(),
+    ]
+    return torch.stack(rows)[None].to(dtype)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("n", [97, 257, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_zero_split_matches_stable_sort_and_reference(n, dtype):
+    x = _zero_heavy_rows(n, dtype)
+    y = _zero_heavy_rows(n + 1, dtype)[:, :, :n].flip(1)
+    _, perm, perm_t, _ = _pdl_forward(x, y, 1, True, "cpu")
+    assert torch.equal(perm.long(), torch.sort(x, dim=-1, stable=True).indices)
+    assert torch.equal(perm_t.long(), torch.sort(y, dim=-1, stable=True).indices)
+    for p in (1, 2):
+        for target_grad in (False, True):
+            x1, y1 = x.clone().requires_grad_(), y.clone().requires_grad_(target_grad)
+            x2, y2 = x.clone().requires_grad_(), y.clone().requires_grad_(target_grad)
+            out = fastloss.pdl(x1, y1, p=p, reduction="none", backend="cpu")
+            ref = pdl_reference(x2, y2, p=p, reduction="none")
+            torch.testing.assert_close(out, ref, rtol=TOL[dtype], atol=TOL[dtype])
+            out.backward(torch.full_like(out, 0.7))
+            ref.backward(torch.full_like(ref, 0.7))
+            torch.testing.assert_close(x1.grad, x2.grad, rtol=TOL[dtype], atol=TOL[dtype])
+            if target_grad:
+                torch.testing.assert_close(y1.grad, y2.grad, rtol=TOL[dtype], atol=TOL[dtype])
+
+
 @requires_cpu_ext
 def test_cpu_saves_int32_permutation_and_one_small_value_per_element():
     x = torch.randn(2, 3, 40, requires_grad=True)

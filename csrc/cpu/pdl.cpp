@@ -29,17 +29,6 @@ struct RowScratch {
       : pred(n), target(target_idx ? n : 0), tmp(n), tkeys(target_idx ? 0 : n), ktmp(target_idx ? 0 : n) {}
 };
 
-// Fill out[i] = make(value i of the row) for a row of stride `stride`; the contiguous case is
-// its own loop so that the compiler can vectorise it.
-template <typename acc_t, typename scalar_t, typename T, typename Make>
-inline void load_row(const scalar_t* x, int64_t stride, int64_t n, T* out, Make make) {
-  if (stride == 1) {
-    for (int64_t i = 0; i < n; ++i) out[i] = make(static_cast<acc_t>(x[i]), i);
-  } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = make(static_cast<acc_t>(x[i * stride]), i);
-  }
-}
-
 }  // namespace
 
 // pred, target: [B, C, N], any strides, same dtype. Returns
@@ -83,15 +72,20 @@ std::vector<at::Tensor> pdl_forward(const at::Tensor& pred, const at::Tensor& ta
         const int64_t b = r / C, c = r % C;
         const scalar_t* xr = xp + b * psb + c * psc;
         const scalar_t* yr = xt + b * tsb + c * tsc;
-        auto keyed = [](acc_t v, int64_t i) { return Keyed<acc_t>::make(v, uint32_t(i)); };
-        load_row<acc_t>(xr, psn, N, s.pred.data(), keyed);
-        sort_keyed(s.pred.data(), s.tmp.data(), N);
-        if (target_grad) {
-          load_row<acc_t>(yr, tsn, N, s.target.data(), keyed);
-          sort_keyed(s.target.data(), s.tmp.data(), N);
+        // Strided rows are read in place (channels_last, transposed, sliced inputs: no copy).
+        auto pred_at = [&](int64_t i) { return static_cast<acc_t>(xr[i * psn]); };
+        auto target_at = [&](int64_t i) { return static_cast<acc_t>(yr[i * tsn]); };
+        if (psn == 1) {
+          load_sort_keyed<acc_t>(s.pred.data(), s.tmp.data(), N, [&](int64_t i) { return static_cast<acc_t>(xr[i]); });
         } else {
-          load_row<acc_t>(yr, tsn, N, s.tkeys.data(), [](acc_t v, int64_t) { return float_to_key<acc_t>(v); });
-          sort_keys<acc_t>(s.tkeys.data(), s.ktmp.data(), N);
+          load_sort_keyed<acc_t>(s.pred.data(), s.tmp.data(), N, pred_at);
+        }
+        if (target_grad) {
+          load_sort_keyed<acc_t>(s.target.data(), s.tmp.data(), N, target_at);
+        } else if (tsn == 1) {
+          load_sort_keys<acc_t>(s.tkeys.data(), s.ktmp.data(), N, [&](int64_t i) { return static_cast<acc_t>(yr[i]); });
+        } else {
+          load_sort_keys<acc_t>(s.tkeys.data(), s.ktmp.data(), N, target_at);
         }
         // Rank-order pass: d = sorted pred - sorted target. kLanes partial sums keep the
         // accumulation vectorisable (a single running sum would serialise on its latency).
