@@ -185,7 +185,8 @@ def train_steps(model, criterion, opt, image, args, steps, generator, bar=None):
     return times, last
 
 
-def run_config(name, args, image):
+def setup_config(name, args, image):
+    """A fresh model, optimizer and loss for configuration ``name``, ready to train."""
     label, family, kind, factory = CONFIGS[name]
     backend = None
     if kind == "fast":
@@ -199,14 +200,38 @@ def run_config(name, args, image):
     model = DnCNN(width=args.width).to(args.device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(args.seed)
-    bar = _progress(args.warmup + args.steps, f"{name:<9}", not args.no_progress)
-    train_steps(model, criterion, opt, image, args, args.warmup, gen, bar)
-    times, last = train_steps(model, criterion, opt, image, args, args.steps, gen, bar)
+    return {"name": name, "label": label, "family": family, "backend": backend, "criterion": criterion,
+            "model": model, "opt": opt, "gen": gen, "times": [], "round_medians": [], "last": float("nan")}
+
+
+def run_round(state, args, image, round_index):
+    """One round of ``config``: the warm-up steps (first round only), then ``args.steps`` timed."""
+    warm = args.warmup if round_index == 0 else 0
+    desc = f"{state['name']:<9}" + (f" {round_index + 1}/{args.rounds}" if args.rounds > 1 else "")
+    bar = _progress(warm + args.steps, desc, not args.no_progress)
+    train_steps(state["model"], state["criterion"], state["opt"], image, args, warm, state["gen"], bar)
+    times, state["last"] = train_steps(state["model"], state["criterion"], state["opt"], image, args, args.steps,
+                                       state["gen"], bar)
     bar.close()
-    sec = statistics.median(times)
-    return {"config": name, "label": label, "loss": family, "backend": backend or "-", "steps": args.steps,
+    state["times"] += times
+    state["round_medians"].append(statistics.median(times))
+
+
+def result_row(state, args):
+    sec = statistics.median(state["times"])
+    return {"config": state["name"], "label": state["label"], "loss": state["family"],
+            "backend": state["backend"] or "-", "steps": args.steps, "rounds": args.rounds,
             "warmup_steps": args.warmup, "median_step_seconds": sec, "steps_per_sec": 1.0 / sec,
-            "total_seconds": sum(times), "final_loss": last}
+            "round_median_step_seconds": state["round_medians"], "total_seconds": sum(state["times"]),
+            "final_loss": state["last"]}
+
+
+def run_config(name, args, image):
+    """Set up and run one configuration on its own (all its rounds); its result row."""
+    state = setup_config(name, args, image)
+    for r in range(args.rounds):
+        run_round(state, args, image, r)
+    return result_row(state, args)
 
 
 def machine_details(args):
@@ -274,6 +299,50 @@ def bar_chart(rows, path, title):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- markdown
+def write_markdown_section(path, name, text):
+    """Replace (or append) the section ``name`` of the markdown file ``path``, delimited by
+    ``<!-- name:begin -->`` and ``<!-- name:end -->``."""
+    import re
+
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    old = open(path).read() if os.path.exists(path) else "# fastloss benchmarks\n\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
+    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
+    with open(path, "w") as f:
+        f.write(new)
+
+
+def markdown_report(result, table, png_path, md_path):
+    """The ``steps`` section of BENCHMARKS.md for one run: command, machine, table and chart."""
+    st, m = result["settings"], result["machine"]
+    rel_png = os.path.relpath(png_path, os.path.dirname(os.path.abspath(md_path)))
+    lines = [
+        "## Training steps/sec: `fastloss-bench`",
+        "",
+        f"Command (from the repository root): `{result['command']}`",
+        "",
+        f"- CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs, torch threads {m['torch_threads']})"
+        + (f", GPU: {m['gpu']}" if m.get("gpu") else ""),
+        f"- torch {m['torch']}, triton {m['triton']}, python {m['python']}, fastloss {m['fastloss']}",
+        f"- device {m['device']}, fast backend `{m['fast_backend']}`; backends available: "
+        + ", ".join(k for k, v in m["backends"].items() if v),
+        f"- DnCNN width {st['width']}, batch {st['batch_size']}, crop {st['crop']}, sigma {st['sigma']}; "
+        f"{st['rounds']} rounds x {st['steps']} timed steps per configuration (+{st['warmup']} warm-up), "
+        "configurations interleaved round by round; a row is the median step time over all its steps",
+        f"- {result['vgg_weights_note']}",
+        "",
+        "```text",
+        table,
+        "```",
+        "",
+        f"![steps/sec relative to pixel-only L1]({rel_png})",
+    ]
+    return "\n".join(lines)
+
 
 
 # ----------------------------------------------------------------------------- demo
@@ -345,6 +414,9 @@ def parse_args(argv):
                                  epilog="configurations: " + ", ".join(CONFIGS))
     ap.add_argument("--steps", type=_positive_int, default=10, help="timed training steps per configuration (default 10)")
     ap.add_argument("--warmup", type=_non_negative_int, default=2, help="untimed steps first (default 2)")
+    ap.add_argument("--rounds", type=_positive_int, default=3,
+                    help="rounds that run every configuration in turn, --steps timed steps each; "
+                         "a row is the median over all its steps (default 3)")
     ap.add_argument("--batch-size", type=_positive_int, default=4, help="default 4")
     ap.add_argument("--crop", type=_positive_int, default=96, help="crop size in pixels (default 96)")
     ap.add_argument("--width", type=_positive_int, default=32, help="denoiser channels (default 32)")
@@ -358,6 +430,9 @@ def parse_args(argv):
     ap.add_argument("--demo", action="store_true", help="train with L1 and L1 + PDL and save side-by-side PNGs")
     ap.add_argument("--demo-steps", type=_positive_int, default=300, help="training steps per model in --demo (default 300)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--markdown", default=None, metavar="FILE",
+                    help="also write the table, the command, the machine and the chart into FILE "
+                         "(the 'steps' section between its markers, e.g. BENCHMARKS.md)")
     args = ap.parse_args(argv)
     if args.configs == "all":
         args.configs = list(CONFIGS)
@@ -396,14 +471,26 @@ def main(argv=None):
     print(f"fastloss-bench: {args.steps} steps (+{args.warmup} warm-up) per configuration, batch {args.batch_size}, "
           f"crop {args.crop}, DnCNN width {args.width}, device {args.device}, fast backend {info['fast_backend']}")
     print(weights_note)
-    rows, skipped = [], {}
+    # Every configuration is set up first, then the rounds run them in turn (l1, vgg, ..., l1,
+    # vgg, ...): a machine that slows down for a while slows every configuration alike, and each
+    # row is the median over all its timed steps.
+    states, skipped = [], {}
     for name in args.configs:
         try:
-            rows.append(run_config(name, args, image))
+            states.append(setup_config(name, args, image))
         except (RuntimeError, FileNotFoundError, ValueError) as e:
             skipped[name] = str(e).splitlines()[0]
+    for r in range(args.rounds):
+        for state in list(states):
+            try:
+                run_round(state, args, image, r)
+            except (RuntimeError, ValueError) as e:
+                skipped[state["name"]] = str(e).splitlines()[0]
+                states.remove(state)
+    rows = [result_row(state, args) for state in states]
     add_ratios(rows)
-    print(format_table(rows, skipped))
+    table = format_table(rows, skipped)
+    print(table)
     result = {"command": "fastloss-bench " + " ".join(sys.argv[1:] if argv is None else argv),
               "settings": {k: v for k, v in vars(args).items() if k != "demo"}, "vgg_weights_note": weights_note,
               "machine": info, "results": rows, "skipped": skipped}
@@ -415,6 +502,9 @@ def main(argv=None):
         bar_chart(rows, png_path, f"fastloss-bench on {info['cpu']} ({args.device}), batch {args.batch_size}, "
                                   f"crop {args.crop}")
     print(f"wrote {json_path}" + (f" and {png_path}" if rows else ""))
+    if args.markdown and rows:
+        write_markdown_section(args.markdown, "steps", markdown_report(result, table, png_path, args.markdown))
+        print(f"wrote the 'steps' section of {args.markdown}")
     return 0 if rows else 1
 
 
