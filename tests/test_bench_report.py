@@ -38,4 +38,4 @@ def test_rounds_and_markdown_section(tmp_path):
 def test_rounds_must_be_positive(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(TINY + ["--rounds", "0"])
-    assert e.value.code != 0 and "--rounds" in capsys.readouterr().err
+    assert e.value.code == 2 and "--rounds" in capsys.readouterr().err
