@@ -99,27 +99,20 @@ def main(argv=None):
     ref = "reference (PKT, autograd)"
     rows = []
     for k in provs:
-        rows.append((k, med[k] * 1e3, med[ref] / med[k], mem[k] / 2**20, mem[k] / mem[ref]))
+        rows.append((k, f"{med[k]*1e3:.1f}", f"{med[ref]/med[k]:.1f}x", f"{mem[k]/2**20:.1f}",
+                     f"{mem[k]/mem[ref]:.0%}"))
         print(f"{k:<34} {med[k]*1e3:9.1f} ms  {med[ref]/med[k]:7.1f}x vs reference  peak extra "
               f"{mem[k]/2**20:8.1f} MiB ({mem[k]/mem[ref]:6.1%} of reference)", flush=True)
 
-    cmd = "python benchmarks/bench_d2sm.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [f"## D2SM: one forward + backward call, q={q}, D={d}, batch {b}, float32", "",
-             f"Command: `{cmd.strip()}` (median of {args.reps} interleaved runs in one process; peak extra "
-             "resident memory of one call, each provider in a fresh process).", ""]
-    lines += common.machine_lines(info) + ["", "| provider | ms | speed-up vs reference | peak extra MiB | "
-                                           "memory vs reference |", "|---|---:|---:|---:|---:|"]
-    for k, ms, sp, mib, mr in rows:
-        lines.append(f"| {k} | {ms:.1f} | {sp:.1f}x | {mib:.1f} | {mr:.0%} |")
-    lines += ["", "Each call has the current batch (with gradient) and the q - B most recent earlier rows "
-              "(detached); features are post-ReLU Gaussians. The reference is `fastloss.d2sm_reference(..., "
-              "\"pkt\")` on `cat(batch, history)` with autograd. `D2SMQueue` runs with its queue full and its "
-              "similarity cache warm: per call it multiplies the B new rows with the set (both sides), runs the "
-              "fused pass over the cached q x q similarities, and multiplies the B gradient rows back. "
-              "`d2sm_kl ... no cache` is the fused op recomputing the q x q similarities from scratch."]
-    if not args.no_write:
-        common.write_section("d2sm", "\n".join(lines))
-        print(f"wrote the d2sm section of {common.BENCHMARKS_MD}")
+    notes = ["Each call has the current batch (with gradient) and the q - B most recent earlier rows "
+             "(detached); features are post-ReLU Gaussians. The reference is `fastloss.d2sm_reference(..., "
+             "\"pkt\")` on `cat(batch, history)` with autograd. `D2SMQueue` runs with its queue full and its "
+             "similarity cache warm: per call it multiplies the B new rows with the set (both sides), runs the "
+             "fused pass over the cached q x q similarities, and multiplies the B gradient rows back. "
+             "`d2sm_kl ... no cache` is the fused op recomputing the q x q similarities from scratch."]
+    common.write_report("d2sm", f"## D2SM: one forward + backward call, q={q}, D={d}, batch {b}, float32", argv,
+                        args.reps, "one call", info, ["provider", "ms", "speed-up vs reference", "peak extra MiB",
+                                                      "memory vs reference"], rows, notes, write=not args.no_write)
     return 0
 
 

@@ -82,35 +82,28 @@ def main(argv=None):
     rows = []
     for k in provs:
         lo, hi = min(runs[k]), max(runs[k])
-        rows.append((k, med[k] * 1e3, lo * 1e3, hi * 1e3, ref_t / med[k], mem[k] / 2**20, mem[k] / ref_m))
+        rows.append((k, f"{med[k]*1e3:.0f}", f"{lo*1e3:.0f} / {hi*1e3:.0f}", f"{ref_t/med[k]:.2f}x",
+                     f"{mem[k]/2**20:.1f}", f"{mem[k]/ref_m:.0%}"))
         print(f"{k:<30} {med[k]*1e3:8.0f} ms (min {lo*1e3:.0f}, max {hi*1e3:.0f})  {ref_t/med[k]:5.2f}x vs reference"
               f"  peak extra {mem[k]/2**20:7.1f} MiB ({mem[k]/ref_m:5.1%} of reference)", flush=True)
 
     w = fastloss.mdf.load(weights)
-    cmd = "python benchmarks/bench_mdf.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = ["## MDF: forward + backward, float32", "",
-             f"Command: `{cmd.strip()}` (median of {args.reps} interleaved runs in one process; peak extra "
-             "resident memory of one forward+backward, each provider in a fresh process).", "",
-             f"Input {shape}, weights `{os.path.basename(str(weights))}` ({len(w)} discriminators, widths "
+    intro = [f"Input {shape}, weights `{os.path.basename(str(weights))}` ({len(w)} discriminators, widths "
              f"{list(w.widths)}; all 8 first ones used, coarsest first).", ""]
-    lines += common.machine_lines(info) + ["", "| provider | median ms | min / max ms | speed-up vs reference | "
-                                           "peak extra MiB | memory vs reference |", "|---|---:|---:|---:|---:|---:|"]
-    for k, ms, lo, hi, sp, mib, mr in rows:
-        lines.append(f"| {k} | {ms:.0f} | {lo:.0f} / {hi:.0f} | {sp:.2f}x | {mib:.1f} | {mr:.0%} |")
-    lines += ["", "The reference is `MDFLoss(..., backend=\"reference\")`: the published order of operations "
-              "(per discriminator, pred then target through conv, BatchNorm, LeakyReLU; autograd through torch "
-              "ops; frozen discriminators). `fastloss[cpu]` is the fast path (BatchNorm folded, pred and target "
-              "in one batch without autograd, one merged head convolution, bias and LeakyReLU fused into oneDNN "
-              "convolutions, the 24 squared-difference reductions in one C++ op) with the discriminators run "
-              "one by one on their slice of the merged head, the CPU default; `grouped convs` merges "
-              "equal-width discriminators into grouped convolutions, the CUDA default.", "",
-              "Both run the same direct convolutions: about 0.2 TFLOP per call at (4, 3, 128, 128) with the 8 JPEG "
-              "discriminators (forward of pred and target, backward to pred's input), which at this CPU's rate "
-              "is most of the reference's time. The fast path saves the work around them (BatchNorm passes, "
-              "separate LeakyReLUs, per-feature reductions, the autograd state), not convolution work."]
-    if not args.no_write:
-        common.write_section("mdf", "\n".join(lines))
-        print(f"wrote the mdf section of {common.BENCHMARKS_MD}")
+    notes = ["The reference is `MDFLoss(..., backend=\"reference\")`: the published order of operations "
+             "(per discriminator, pred then target through conv, BatchNorm, LeakyReLU; autograd through torch "
+             "ops; frozen discriminators). `fastloss[cpu]` is the fast path (BatchNorm folded, pred and target "
+             "in one batch without autograd, one merged head convolution, bias and LeakyReLU fused into oneDNN "
+             "convolutions, the 24 squared-difference reductions in one C++ op) with the discriminators run "
+             "one by one on their slice of the merged head, the CPU default; `grouped convs` merges "
+             "equal-width discriminators into grouped convolutions, the CUDA default.", "",
+             "Both run the same direct convolutions: about 0.2 TFLOP per call at (4, 3, 128, 128) with the 8 JPEG "
+             "discriminators (forward of pred and target, backward to pred's input), which at this CPU's rate "
+             "is most of the reference's time. The fast path saves the work around them (BatchNorm passes, "
+             "separate LeakyReLUs, per-feature reductions, the autograd state), not convolution work."]
+    common.write_report("mdf", "## MDF: forward + backward, float32", argv, args.reps, "one forward+backward", info,
+                        ["provider", "median ms", "min / max ms", "speed-up vs reference", "peak extra MiB",
+                         "memory vs reference"], rows, notes, intro=intro, write=not args.no_write)
     return 0
 
 

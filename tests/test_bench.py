@@ -12,7 +12,8 @@ from conftest import requires_cpu_ext
 
 TINY = ["--steps", "1", "--warmup", "0", "--batch-size", "1", "--crop", "16", "--width", "4", "--no-progress"]
 ROW_FIELDS = {"config", "label", "loss", "backend", "steps", "warmup_steps", "median_step_seconds", "steps_per_sec",
-              "total_seconds", "final_loss", "relative_to_pixel", "relative_to_vgg", "speedup_vs_reference"}
+              "total_seconds", "final_loss", "relative_to_pixel", "relative_to_vgg", "speedup_vs_reference",
+              "rounds", "round_median_step_seconds"}
 
 
 @requires_cpu_ext
@@ -64,9 +65,20 @@ def test_console_script_module_runs_help():
     assert out.returncode == 0 and "fastloss-bench" in out.stdout
 
 
+# every microbenchmark of benchmarks/test_micro_*.py, with its peers: the smoke subset runs each
+SMOKE_TESTS = ["test_micro_pdl.py::test_pdl[", "test_micro_d2sm.py::test_d2sm_kl[",
+               "test_micro_d2sm.py::test_d2sm_queue_step[", "test_micro_mdf.py::test_mdf_features[",
+               "test_micro_mdf.py::test_mdf_loss["]
+SMOKE_PEERS = ["test_pdl[torch.sort-formula-", "test_d2sm_kl[PKT-formula-pkt-smoke",
+               "test_d2sm_queue_step[PKT-formula-pkt-smoke", "test_mdf_features[published-loop-smoke"]
+
+
 def test_microbenchmarks_smoke_subset_runs():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "-k", "smoke", "--benchmark-disable",
+    out = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-v", "-k", "smoke", "--benchmark-disable",
                           "-p", "no:cacheprovider"], cwd=root, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert " passed" in out.stdout
+    passed = [line for line in out.stdout.splitlines() if line.rstrip().endswith("PASSED") or " PASSED " in line]
+    for name in SMOKE_TESTS + SMOKE_PEERS:
+        assert any(name in line for line in passed), f"no smoke microbenchmark {name}... passed:\n{out.stdout[-3000:]}"
+    assert all("-smoke-" in line or "-smoke]" in line for line in passed)  # the subset only

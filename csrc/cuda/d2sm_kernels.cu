@@ -19,6 +19,7 @@
 //                      the same entries (G is symmetric) with row j's 1/R and c
 //   d2sm_loss_kernel   one block: the loss, the sum of the rows' losses in a fixed order
 #include "cuda/d2sm_launch.h"
+#include "cuda/status.h"
 
 #include <cub/block/block_reduce.cuh>
 #include <cuda_runtime.h>
@@ -34,41 +35,6 @@ constexpr int ROWS_THREADS = 256;
 constexpr int GRAD_THREADS = 256;
 constexpr int LOSS_THREADS = 512;
 constexpr int64_t MAX_GRID_Y = 65535;
-
-D2smStatus make_status(cudaError_t code, const char* where) {
-  D2smStatus s;
-  s.code = static_cast<int>(code);
-  s.where = where;
-  s.message = cudaGetErrorString(code);
-  return s;
-}
-
-#define D2SM_RETURN_IF_ERROR(expr, where)                              \
-  do {                                                                 \
-    const cudaError_t d2sm_err_ = (expr);                              \
-    if (d2sm_err_ != cudaSuccess) return make_status(d2sm_err_, where); \
-  } while (0)
-
-// Makes `device` current for the launcher's scope (the binding has no c10::cuda device guard).
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) {
-    error_ = cudaGetDevice(&previous_);
-    if (error_ == cudaSuccess && previous_ != device) {
-      error_ = cudaSetDevice(device);
-      restore_ = error_ == cudaSuccess;
-    }
-  }
-  ~DeviceScope() {
-    if (restore_) cudaSetDevice(previous_);
-  }
-  cudaError_t error() const { return error_; }
-
- private:
-  int previous_ = 0;
-  bool restore_ = false;
-  cudaError_t error_ = cudaSuccess;
-};
 
 __device__ __forceinline__ float log_of(float x) { return logf(x); }
 __device__ __forceinline__ double log_of(double x) { return log(x); }
@@ -174,7 +140,7 @@ D2smStatus launch(const D2smParams& p, cudaStream_t stream) {
   d2sm_rows_kernel<T, PAPER><<<static_cast<unsigned>(p.q), ROWS_THREADS, 0, stream>>>(
       static_cast<const T*>(p.sp_ptr), p.sp_stride, static_cast<const T*>(p.st_ptr), p.st_stride,
       p.dots_p_ptr, p.dots_t_ptr, p.q, eps, p.inv_p_ptr, p.inv_t_ptr, p.c_ptr, p.row_loss_ptr);
-  D2SM_RETURN_IF_ERROR(cudaGetLastError(), "d2sm rows kernel launch");
+  FASTLOSS_CUDA_RETURN_IF_ERROR(cudaGetLastError(), "d2sm rows kernel launch");
   if (p.N > 0) {
     const dim3 grid(static_cast<unsigned>((p.q + GRAD_THREADS - 1) / GRAD_THREADS),
                     static_cast<unsigned>(std::min(p.N, MAX_GRID_Y)));
@@ -182,10 +148,10 @@ D2smStatus launch(const D2smParams& p, cudaStream_t stream) {
         static_cast<const T*>(p.sp_ptr), p.sp_stride, static_cast<const T*>(p.st_ptr), p.st_stride,
         p.inv_p_ptr, p.inv_t_ptr, p.c_ptr, p.rows_ptr, p.N, p.q, eps,
         static_cast<T*>(p.grad_rows_ptr));
-    D2SM_RETURN_IF_ERROR(cudaGetLastError(), "d2sm grad kernel launch");
+    FASTLOSS_CUDA_RETURN_IF_ERROR(cudaGetLastError(), "d2sm grad kernel launch");
   }
   d2sm_loss_kernel<T><<<1, LOSS_THREADS, 0, stream>>>(p.row_loss_ptr, p.q, static_cast<T*>(p.loss_ptr));
-  D2SM_RETURN_IF_ERROR(cudaGetLastError(), "d2sm loss kernel launch");
+  FASTLOSS_CUDA_RETURN_IF_ERROR(cudaGetLastError(), "d2sm loss kernel launch");
   return {};
 }
 
@@ -200,7 +166,7 @@ D2smStatus d2sm_forward_cuda(const D2smParams& params, CUstream_st* stream) {
   if (params.q < 2) return make_status(cudaErrorInvalidValue, "d2sm_forward_cuda: q must be >= 2");
   if (params.N < 0) return make_status(cudaErrorInvalidValue, "d2sm_forward_cuda: N must be >= 0");
   DeviceScope device(params.device);
-  D2SM_RETURN_IF_ERROR(device.error(), "cudaSetDevice");
+  FASTLOSS_CUDA_RETURN_IF_ERROR(device.error(), "cudaSetDevice");
   switch (params.dtype) {
     case D2smDtype::kFloat32: return launch_mode<float>(params, stream);
     case D2smDtype::kFloat64: return launch_mode<double>(params, stream);

@@ -13,6 +13,7 @@
 //
 // Also here: the convolutions' fused epilogue, y = LeakyReLU(y + b[c]) in place (grid-stride loop).
 #include "cuda/mdf_launch.h"
+#include "cuda/status.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -115,35 +116,6 @@ mdf_bias_lrelu_kernel(scalar_t* __restrict__ y, const scalar_t* __restrict__ b, 
   }
 }
 
-MdfStatus make_status(cudaError_t code, const char* where) {
-  MdfStatus s;
-  s.code = static_cast<int>(code);
-  s.where = where;
-  s.message = cudaGetErrorString(code);
-  return s;
-}
-
-// Makes `device` current for the launcher's scope (the binding has no c10::cuda device guard).
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) {
-    error_ = cudaGetDevice(&previous_);
-    if (error_ == cudaSuccess && previous_ != device) {
-      error_ = cudaSetDevice(device);
-      restore_ = error_ == cudaSuccess;
-    }
-  }
-  ~DeviceScope() {
-    if (restore_) cudaSetDevice(previous_);
-  }
-  cudaError_t error() const { return error_; }
-
- private:
-  int previous_ = 0;
-  bool restore_ = false;
-  cudaError_t error_ = cudaSuccess;
-};
-
 MdfStatus check(const MdfParams& params, const char* where) {
   if (params.desc == nullptr || params.M < 1 || params.K < 1 || params.B < 1)
     return make_status(cudaErrorInvalidValue, where);
@@ -162,8 +134,8 @@ MdfStatus launch(const MdfParams& params, bool forward, cudaStream_t stream) {
     mdf_backward_kernel<scalar_t><<<grid, MDF_CUDA_THREADS, 0, stream>>>(params.desc, params.M,
                                                                          static_cast<const acc_t*>(params.grad));
   }
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return make_status(err, forward ? "mdf forward kernel launch" : "mdf backward kernel launch");
+  FASTLOSS_CUDA_RETURN_IF_ERROR(cudaGetLastError(),
+                                forward ? "mdf forward kernel launch" : "mdf backward kernel launch");
   return {};
 }
 
@@ -172,7 +144,7 @@ MdfStatus run(const MdfParams& params, bool forward, cudaStream_t stream) {
   MdfStatus s = check(params, where);
   if (!s.ok()) return s;
   DeviceScope scope(params.device);
-  if (scope.error() != cudaSuccess) return make_status(scope.error(), "mdf: cudaSetDevice");
+  FASTLOSS_CUDA_RETURN_IF_ERROR(scope.error(), "mdf: cudaSetDevice");
   switch (params.dtype) {
     case MdfDtype::kFloat32: return launch<float>(params, forward, stream);
     case MdfDtype::kFloat64: return launch<double>(params, forward, stream);
@@ -189,8 +161,7 @@ MdfStatus launch_bias_lrelu(const MdfBiasLreluParams& p, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(blocks < (int64_t(1) << 20) ? blocks : (int64_t(1) << 20));
   mdf_bias_lrelu_kernel<scalar_t><<<grid, MDF_CUDA_THREADS, 0, stream>>>(
       static_cast<scalar_t*>(p.y), static_cast<const scalar_t*>(p.b), p.numel, p.C, p.cdiv, static_cast<acc_t>(p.slope));
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return make_status(err, "mdf bias + LeakyReLU kernel launch");
+  FASTLOSS_CUDA_RETURN_IF_ERROR(cudaGetLastError(), "mdf bias + LeakyReLU kernel launch");
   return {};
 }
 
@@ -201,7 +172,7 @@ MdfStatus mdf_bias_leaky_relu_cuda(const MdfBiasLreluParams& params, CUstream_st
   if (params.y == nullptr || params.b == nullptr || params.C < 1 || params.cdiv < 1)
     return make_status(cudaErrorInvalidValue, "mdf_bias_leaky_relu_cuda: bad parameters");
   DeviceScope scope(params.device);
-  if (scope.error() != cudaSuccess) return make_status(scope.error(), "mdf: cudaSetDevice");
+  FASTLOSS_CUDA_RETURN_IF_ERROR(scope.error(), "mdf: cudaSetDevice");
   switch (params.dtype) {
     case MdfDtype::kFloat32: return launch_bias_lrelu<float>(params, stream);
     case MdfDtype::kFloat64: return launch_bias_lrelu<double>(params, stream);

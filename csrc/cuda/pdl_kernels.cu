@@ -18,6 +18,7 @@
 // Backward is one scatter kernel over (row, rank).
 #include "cuda/pdl_kernels.cuh"
 #include "cuda/pdl_launch.h"
+#include "cuda/status.h"
 
 #include <cub/device/device_segmented_radix_sort.cuh>
 
@@ -38,41 +39,6 @@ constexpr int ELEMENTWISE_BLOCK_THREADS = 256;
 constexpr int64_t ELEMENTWISE_MAX_GRID = int64_t(1) << 20;  // grid-stride loops beyond this
 constexpr size_t WORKSPACE_ALIGN = 256;
 static_assert(512 * 8 == PDL_BLOCK_SORT_MAX_N, "the largest block-sort tile must be PDL_BLOCK_SORT_MAX_N");
-
-PdlStatus make_status(cudaError_t code, const char* where) {
-  PdlStatus s;
-  s.code = static_cast<int>(code);
-  s.where = where;
-  s.message = cudaGetErrorString(code);
-  return s;
-}
-
-#define PDL_RETURN_IF_ERROR(expr, where)                          \
-  do {                                                            \
-    const cudaError_t pdl_err_ = (expr);                          \
-    if (pdl_err_ != cudaSuccess) return make_status(pdl_err_, where); \
-  } while (0)
-
-// Makes `device` current for the launcher's scope (the binding has no c10::cuda device guard).
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) {
-    error_ = cudaGetDevice(&previous_);
-    if (error_ == cudaSuccess && previous_ != device) {
-      error_ = cudaSetDevice(device);
-      restore_ = error_ == cudaSuccess;
-    }
-  }
-  ~DeviceScope() {
-    if (restore_) cudaSetDevice(previous_);
-  }
-  cudaError_t error() const { return error_; }
-
- private:
-  int previous_ = 0;
-  bool restore_ = false;
-  cudaError_t error_ = cudaSuccess;
-};
 
 template <typename T> struct TypeTag { using type = T; };
 
@@ -107,7 +73,7 @@ PdlStatus launch_block_forward(const PdlForwardParams& params, cudaStream_t stre
       params.target_c_stride, params.target_n_stride, static_cast<acc_t*>(params.w_ptr), params.perm_ptr,
       params.perm_t_ptr, params.p == 1 ? static_cast<int8_t*>(params.deriv_ptr) : nullptr,
       params.p == 2 ? static_cast<acc_t*>(params.deriv_ptr) : nullptr, rows, params.C, static_cast<int>(params.N));
-  PDL_RETURN_IF_ERROR(cudaGetLastError(), "pdl block-sort forward kernel launch");
+  FASTLOSS_CUDA_RETURN_IF_ERROR(cudaGetLastError(), "pdl block-sort forward kernel launch");
   return {};
 }
 
@@ -187,7 +153,8 @@ PdlStatus segmented_forward(const PdlForwardParams& params, cudaStream_t stream)
   using acc_t = typename AccOf<scalar_t>::type;
   using key_t = typename KeyOf<acc_t>::type;
   SegmentedLayout layout;
-  PDL_RETURN_IF_ERROR(segmented_layout<key_t>(params, &layout), "cub::DeviceSegmentedRadixSort temp-storage query");
+  FASTLOSS_CUDA_RETURN_IF_ERROR(segmented_layout<key_t>(params, &layout),
+                                "cub::DeviceSegmentedRadixSort temp-storage query");
   if (params.workspace_ptr == nullptr || params.workspace_bytes < layout.total_bytes)
     return make_status(cudaErrorInvalidValue, "pdl_forward_cuda: workspace smaller than pdl_forward_workspace_bytes()");
 
@@ -217,35 +184,35 @@ PdlStatus segmented_forward(const PdlForwardParams& params, cudaStream_t stream)
         params.pred_n_stride, static_cast<const scalar_t*>(params.target_ptr), params.target_b_stride,
         params.target_c_stride, params.target_n_stride, keys_a, keys_b, positions, offsets, row_begin, chunk_rows,
         params.C, N);
-    PDL_RETURN_IF_ERROR(cudaGetLastError(), "pdl make-keys kernel launch");
+    FASTLOSS_CUDA_RETURN_IF_ERROR(cudaGetLastError(), "pdl make-keys kernel launch");
 
     size_t temp_bytes = layout.cub_temp_bytes;
-    PDL_RETURN_IF_ERROR(cub::DeviceSegmentedRadixSort::SortPairs(
-                            cub_temp, temp_bytes, static_cast<const key_t*>(keys_a), pred_sorted,
-                            static_cast<const int32_t*>(positions), params.perm_ptr + row_begin * N, items,
-                            segments, static_cast<const int32_t*>(offsets),
-                            static_cast<const int32_t*>(offsets) + 1, 0, end_bit, stream),
-                        "cub::DeviceSegmentedRadixSort::SortPairs (pred rows)");
+    FASTLOSS_CUDA_RETURN_IF_ERROR(
+        cub::DeviceSegmentedRadixSort::SortPairs(
+            cub_temp, temp_bytes, static_cast<const key_t*>(keys_a), pred_sorted,
+            static_cast<const int32_t*>(positions), params.perm_ptr + row_begin * N, items, segments,
+            static_cast<const int32_t*>(offsets), static_cast<const int32_t*>(offsets) + 1, 0, end_bit, stream),
+        "cub::DeviceSegmentedRadixSort::SortPairs (pred rows)");
     temp_bytes = layout.cub_temp_bytes;
     if (params.perm_t_ptr != nullptr) {
-      PDL_RETURN_IF_ERROR(cub::DeviceSegmentedRadixSort::SortPairs(
-                              cub_temp, temp_bytes, static_cast<const key_t*>(keys_b), keys_a,
-                              static_cast<const int32_t*>(positions), params.perm_t_ptr + row_begin * N, items,
-                              segments, static_cast<const int32_t*>(offsets),
-                              static_cast<const int32_t*>(offsets) + 1, 0, end_bit, stream),
-                          "cub::DeviceSegmentedRadixSort::SortPairs (target rows)");
+      FASTLOSS_CUDA_RETURN_IF_ERROR(
+          cub::DeviceSegmentedRadixSort::SortPairs(
+              cub_temp, temp_bytes, static_cast<const key_t*>(keys_b), keys_a,
+              static_cast<const int32_t*>(positions), params.perm_t_ptr + row_begin * N, items, segments,
+              static_cast<const int32_t*>(offsets), static_cast<const int32_t*>(offsets) + 1, 0, end_bit, stream),
+          "cub::DeviceSegmentedRadixSort::SortPairs (target rows)");
     } else {
-      PDL_RETURN_IF_ERROR(cub::DeviceSegmentedRadixSort::SortKeys(
-                              cub_temp, temp_bytes, static_cast<const key_t*>(keys_b), keys_a, items, segments,
-                              static_cast<const int32_t*>(offsets), static_cast<const int32_t*>(offsets) + 1, 0,
-                              end_bit, stream),
-                          "cub::DeviceSegmentedRadixSort::SortKeys (target rows)");
+      FASTLOSS_CUDA_RETURN_IF_ERROR(
+          cub::DeviceSegmentedRadixSort::SortKeys(
+              cub_temp, temp_bytes, static_cast<const key_t*>(keys_b), keys_a, items, segments,
+              static_cast<const int32_t*>(offsets), static_cast<const int32_t*>(offsets) + 1, 0, end_bit, stream),
+          "cub::DeviceSegmentedRadixSort::SortKeys (target rows)");
     }
 
     pdl::pdl_sorted_rows_kernel<acc_t, SEGMENTED_BLOCK_THREADS>
         <<<static_cast<int>(chunk_rows), SEGMENTED_BLOCK_THREADS, 0, stream>>>(pred_sorted, keys_a, w_ptr, sign_ptr,
                                                                                 d2_ptr, row_begin, chunk_rows, N);
-    PDL_RETURN_IF_ERROR(cudaGetLastError(), "pdl sorted-rows kernel launch");
+    FASTLOSS_CUDA_RETURN_IF_ERROR(cudaGetLastError(), "pdl sorted-rows kernel launch");
   }
   return {};
 }
@@ -263,7 +230,7 @@ PdlStatus launch_backward(const PdlBackwardParams& params, cudaStream_t stream) 
       static_cast<const acc_t*>(params.grad_w_ptr), params.perm_ptr, params.perm_t_ptr,
       static_cast<const deriv_t*>(params.deriv_ptr), static_cast<out_t*>(params.grad_pred_ptr),
       static_cast<out_t*>(params.grad_target_ptr), params.rows, params.N, inv_n);
-  PDL_RETURN_IF_ERROR(cudaGetLastError(), "pdl backward scatter kernel launch");
+  FASTLOSS_CUDA_RETURN_IF_ERROR(cudaGetLastError(), "pdl backward scatter kernel launch");
   return {};
 }
 
@@ -275,12 +242,12 @@ PdlStatus pdl_forward_workspace_bytes(const PdlForwardParams& params, size_t* by
   if (!status.ok()) return status;
   if (params.N <= PDL_BLOCK_SORT_MAX_N || params.B * params.C == 0) return {};
   DeviceScope device(params.device);
-  PDL_RETURN_IF_ERROR(device.error(), "cudaSetDevice");
+  FASTLOSS_CUDA_RETURN_IF_ERROR(device.error(), "cudaSetDevice");
   return dispatch_dtype(params.dtype, [&](auto tag) -> PdlStatus {
     using acc_t = typename AccOf<typename decltype(tag)::type>::type;
     SegmentedLayout layout;
-    PDL_RETURN_IF_ERROR(segmented_layout<typename KeyOf<acc_t>::type>(params, &layout),
-                        "cub::DeviceSegmentedRadixSort temp-storage query");
+    FASTLOSS_CUDA_RETURN_IF_ERROR(segmented_layout<typename KeyOf<acc_t>::type>(params, &layout),
+                                  "cub::DeviceSegmentedRadixSort temp-storage query");
     *bytes = layout.total_bytes;
     return {};
   });
@@ -291,7 +258,7 @@ PdlStatus pdl_forward_cuda(const PdlForwardParams& params, CUstream_st* stream) 
   if (!status.ok()) return status;
   if (params.B * params.C == 0) return {};
   DeviceScope device(params.device);
-  PDL_RETURN_IF_ERROR(device.error(), "cudaSetDevice");
+  FASTLOSS_CUDA_RETURN_IF_ERROR(device.error(), "cudaSetDevice");
   return dispatch_dtype(params.dtype, [&](auto tag) -> PdlStatus {
     using scalar_t = typename decltype(tag)::type;
     return params.N <= PDL_BLOCK_SORT_MAX_N ? block_forward<scalar_t>(params, stream)
@@ -304,7 +271,7 @@ PdlStatus pdl_backward_cuda(const PdlBackwardParams& params, CUstream_st* stream
     return make_status(cudaErrorInvalidValue, "pdl_backward_cuda: rows must be >= 0 and N in [1, 2^31)");
   if (params.rows == 0 || (params.grad_pred_ptr == nullptr && params.grad_target_ptr == nullptr)) return {};
   DeviceScope device(params.device);
-  PDL_RETURN_IF_ERROR(device.error(), "cudaSetDevice");
+  FASTLOSS_CUDA_RETURN_IF_ERROR(device.error(), "cudaSetDevice");
   return dispatch_dtype(params.out_dtype, [&](auto tag) -> PdlStatus {
     using out_t = typename decltype(tag)::type;
     using acc_t = typename AccOf<out_t>::type;
