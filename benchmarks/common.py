@@ -3,7 +3,6 @@ and writing one section of BENCHMARKS.md (``write_report``)."""
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -164,13 +163,9 @@ def measure_in_subprocess(module, func, *args):
 
 def write_section(name, text):
     """Replace (or append) the section ``name`` of BENCHMARKS.md, delimited by HTML comments."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    block = f"{begin}\n{text.rstrip()}\n{end}\n"
-    old = open(BENCHMARKS_MD).read() if os.path.exists(BENCHMARKS_MD) else "# fastloss benchmarks\n\n"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
-    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
-    with open(BENCHMARKS_MD, "w") as f:
-        f.write(new)
+    from fastloss.bench import write_markdown_section
+
+    write_markdown_section(BENCHMARKS_MD, name, text)
 
 
 def machine_lines(info):
