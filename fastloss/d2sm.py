@@ -12,10 +12,12 @@ from ``target``, which is a constant. Two modes::
            loss = (1/q) sum_i sum_{j != i} p'_i(j) log((p'_i(j) + eps) / (p_i(j) + eps))
 
 ``pkt`` is the Probabilistic Knowledge Transfer formula of the published D2SM code; ``paper`` is
-equations (2) to (5) of the paper. The row sums need no q x q pass:
-``sum_k K_ik = (q + f_hat_i . sum_k f_hat_k) / 2`` (less the diagonal term in paper mode). They
-are formed in float64: a KL moves by about d when a row's probabilities sum to 1 + d, and float32
-row sums would put errors of 1e-4 relative on losses of 1e-3.
+equations (2) to (5) of the paper. The row sums ``sum_k K_ik = (q + sum_k G_ik) / 2`` (less the
+diagonal term in paper mode) are the float64 sums of the similarity entries themselves: a KL
+moves by about d when a row's probabilities sum to 1 + d, so float32 row sums, or row sums that
+the rounded entries do not add up to (such as ``f_hat_i . sum_k f_hat_k``), would put errors of
+1e-4 relative on losses of 1e-3 (and 1e-5 on a KL that is exactly 0). ``d2sm_kl`` sums the
+matrices it has just formed; ``D2SMQueue`` keeps running sums of its cache, with no q x q pass.
 
 The fused op (``csrc/cpu/d2sm.cpp``, ``kernels/d2sm.py``, ``csrc/cuda/d2sm_kernels.cu``) takes
 the similarity matrices ``G = f_hat f_hat^T`` and those row sums, and does the kernel, the row
@@ -27,6 +29,8 @@ N x q x D multiply-adds for its N new rows instead of q x q x D.
 Everything D2SM is lives here: the input checks, the plain-PyTorch ``reference``, the
 ``torch.library`` custom op and its autograd, ``d2sm_kl``, ``D2SMQueue`` and ``D2SMLoss``.
 """
+import contextlib
+import math
 from typing import Tuple
 
 import torch
@@ -71,10 +75,30 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _autocast_off(device):
+    """Autocast off for the loss itself: under ``torch.autocast`` the similarity products would run
+    in bfloat16 / float16 (and the fused op, which takes float32 or float64, would refuse them)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 # --------------------------------------------------------------------------- reference
 def _normalize(f: Tensor, eps: float) -> Tensor:
-    """``f / (||f||_2 + eps)`` per row; entries that come out NaN become 0."""
-    f_hat = f / (torch.linalg.vector_norm(f, dim=1, keepdim=True) + eps)
+    """``f / (||f||_2 + eps)`` per row; entries that come out NaN become 0.
+
+    Computed as ``u / (||u||_2 + eps / m)`` with ``u = f / m`` and ``m`` the power of two at or
+    below the row's largest magnitude: the same numbers bit for bit (scaling by a power of two is
+    exact), but the squares of the norm neither overflow (rows of 1e30 in float32 would otherwise
+    have an infinite norm and count as zero rows) nor underflow (tiny and denormal rows, whose
+    norm would come out 0 and give infinite entries when eps = 0)."""
+    with torch.no_grad():
+        top = f.abs().amax(1, keepdim=True)
+        m = torch.ldexp(torch.ones_like(top), torch.frexp(top).exponent - 1)
+        m = torch.where((top > 0) & torch.isfinite(top), m, torch.ones_like(m))  # zero, NaN, inf rows: 1
+    u = f / m
+    # a true division: a Python number over a tensor is a reciprocal, infinite for a denormal m
+    f_hat = u / (torch.linalg.vector_norm(u, dim=1, keepdim=True) + torch.full_like(m, eps) / m)
     return torch.where(torch.isnan(f_hat), torch.zeros_like(f_hat), f_hat)
 
 
@@ -88,15 +112,20 @@ def _kl_from_sims(sp: Tensor, st: Tensor, mode: str, eps: float) -> Tensor:
     off = ~torch.eye(q, dtype=torch.bool, device=sp.device)
     kp, kt = kp * off, kt * off  # the paper's sums run over j != i
     p, pt = kp / kp.sum(1, keepdim=True), kt / kt.sum(1, keepdim=True)
-    return (p * torch.log((p + eps) / (pt + eps))).sum() / q
+    # the diagonal is no term at all: with eps = 0 its 0 * log(0 / 0) would be NaN (and its
+    # gradient too, hence 1 in the log there rather than a where() on the product)
+    one = torch.ones_like(p)
+    lg = torch.log((torch.where(off, p, one) + eps) / (torch.where(off, pt, one) + eps))
+    return (p * lg).sum() / q
 
 
 def d2sm_reference(pred: Tensor, target: Tensor, mode: str = "paper", eps: float = 1e-6) -> Tensor:
     """The D2SM KL in plain PyTorch with autograd (module docstring); target is a constant."""
     acc = _acc_dtype(pred.dtype)
-    x = _normalize(pred.flatten(1).to(acc), eps)
-    y = _normalize(target.detach().flatten(1).to(acc), eps)
-    return _kl_from_sims(x @ x.T, y @ y.T, mode, eps).to(pred.dtype)
+    with _autocast_off(pred.device):
+        x = _normalize(pred.flatten(1).to(acc), eps)
+        y = _normalize(target.detach().flatten(1).to(acc), eps)
+        return _kl_from_sims(x @ x.T, y @ y.T, mode, eps).to(pred.dtype)
 
 
 # --------------------------------------------------------------------------- backends
@@ -158,11 +187,14 @@ def _setup_context(ctx, inputs, output):
     ctx.x_shape = tuple(x.shape)
     ctx.dtype = x.dtype
     ctx.mark_non_differentiable(grad_x)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the non-differentiable output
 
 
 def _backward(ctx, grad_loss, _):
     if torch.is_grad_enabled():
         raise RuntimeError(_DOUBLE_BACKWARD)
+    if grad_loss is None:  # grads are not materialized: the loss got none (gradcheck checks this)
+        return (None,) * 10
     (grad_x,) = ctx.saved_tensors
     if tuple(grad_x.shape) != ctx.x_shape:
         raise RuntimeError(f"d2sm: the forward computed the gradient of {grad_x.shape[0]} rows but x has "
@@ -202,11 +234,14 @@ def _normalize_setup_context(ctx, inputs, output):
     ctx.save_for_backward(f, output[1])
     ctx.eps = eps
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the non-differentiable output
 
 
 def _normalize_backward(ctx, grad, _):
     if torch.is_grad_enabled():
         raise RuntimeError(_DOUBLE_BACKWARD)
+    if grad is None:  # grads are not materialized: f_hat got none
+        return None, None
     f, norms = ctx.saved_tensors
     return _d2sm_normalize_backward(grad, f, norms, ctx.eps), None
 
@@ -222,12 +257,6 @@ def _normalize_rows(f: Tensor, eps: float, backend: str) -> Tensor:
 
 
 # --------------------------------------------------------------------------- public op
-def _row_sums(f: Tensor, chunk: int = 256) -> Tensor:
-    """``f_hat_i . sum_k f_hat_k`` for every row, in float64, a few rows at a time: [q, D] -> [q]."""
-    s = f.sum(0, dtype=torch.float64)  # [D]
-    return torch.cat([f[i:i + chunk].to(torch.float64) @ s for i in range(0, f.shape[0], chunk)])
-
-
 def d2sm_kl(pred: Tensor, target: Tensor, *, mode: str = "paper", eps: float = 1e-6, backend: str = "auto") -> Tensor:
     """The D2SM KL of ``pred`` against ``target`` (module docstring): a 0-dim tensor.
 
@@ -242,13 +271,22 @@ def d2sm_kl(pred: Tensor, target: Tensor, *, mode: str = "paper", eps: float = 1
     name = _backend.resolve(_OP, backend, pred.device, pred.dtype)
     if name == "reference":
         return d2sm_reference(pred, target, mode, eps)
+    with _autocast_off(pred.device):
+        return _d2sm_kl_fused(pred, target, mode, eps, name)
+
+
+def _d2sm_kl_fused(pred: Tensor, target: Tensor, mode: str, eps: float, name: str) -> Tensor:
     acc = _acc_dtype(pred.dtype)
     x = _normalize_rows(pred.flatten(1).to(acc), eps, name)  # [q, D], carries the gradient
     with torch.no_grad():
         y = _normalize_rows(target.detach().flatten(1).to(acc), eps, name)
         xd = x.detach()
         sp, st = xd @ xd.T, y @ y.T  # [q, q] cosine similarities
-        dots_p, dots_t = _row_sums(xd), _row_sums(y)  # [q] float64, no q x q pass
+        # [q] float64 row sums of the matrices themselves, not f_hat_i . sum_k f_hat_k: the fused op
+        # divides the entries by them, and float32 entries that do not add up to their row sum put
+        # that rounding on every probability of the row (paper mode subtracts the diagonal: with
+        # few rows the sum of the rest can be 1e-3 and the error 1e-5 on a KL that is exactly 0)
+        dots_p, dots_t = sp.sum(1, dtype=torch.float64), st.sum(1, dtype=torch.float64)
     q = x.shape[0]
     need_grad = torch.is_grad_enabled() and x.requires_grad
     rows = torch.arange(q if need_grad else 0, device=x.device)
@@ -283,6 +321,19 @@ def _all_gather_rows(p: Tensor, t: Tensor, op: str) -> Tuple[Tensor, Tensor]:
     return rows[:, :d], rows[:, d:]
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """The identity, whose gradient is multiplied by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
 # --------------------------------------------------------------------------- the queue
 class D2SMQueue(nn.Module):
     """The D2SM KL over the current batch plus a FIFO of past rows, with an incremental cache.
@@ -305,7 +356,9 @@ class D2SMQueue(nn.Module):
     Under ``torch.distributed`` each call all-gathers the batch rows of every rank (in rank
     order, every rank the same B) so that every rank holds the same queue and computes the same
     loss, that of one process over the concatenated batch; the gradient reaches only the local
-    rows. ``queue_size`` must be at least the rows of one call (B, times the world size).
+    rows, times the world size W (the backward of a differentiable all-gather), so that
+    DistributedDataParallel's average over the ranks is the gradient of one process over the
+    concatenated batch. ``queue_size`` must be at least the rows of one call (B, times W).
     """
 
     _BUFFERS = ("pred_queue", "target_queue", "pred_sim", "target_sim", "pred_rowsum", "target_rowsum")
@@ -423,28 +476,36 @@ class D2SMQueue(nn.Module):
             dtype = _acc_dtype(pred_feats.dtype)
         name = _backend.resolve(_OP, self.backend, x_in.device, dtype)
 
-        x = _normalize_rows(x_in.to(dtype), self.eps, name)  # [B, D], carries the gradient
-        with torch.no_grad():
-            y = _normalize_rows(target_feats.detach().flatten(1).to(dtype), self.eps, name)
-            new_p, new_t = x.detach(), y
-            if world > 1:
-                new_p, new_t = _all_gather_rows(new_p, new_t, op)  # [W*B, D], rank order
-            if self.pred_queue is None:
-                self._allocate(d, dtype, x.device)
-            slots = (self.ptr + torch.arange(n, device=x.device)) % self.queue_size  # [W*B] ring slots
-            q = min(self.filled + n, self.queue_size)
-            dots_p, dots_t = self._insert(new_p, new_t, slots, q, name)
-            self.filled, self.ptr = q, (self.ptr + n) % self.queue_size
-        if q < 2:
-            return (x.sum() * 0).to(pred_feats.dtype)
-        local = slots[rank * b:(rank + 1) * b]  # where this rank's rows sit
-        if name == "reference":
-            loss = self._reference_loss(x, new_p, slots, local, q, rank, b)
-        else:
-            need_grad = torch.is_grad_enabled() and x.requires_grad
-            loss = _d2sm_forward(x, self.pred_queue[:q], self.pred_sim[:q, :q], self.target_sim[:q, :q], dots_p,
-                                 dots_t, local if need_grad else local[:0], self.mode, self.eps, name)[0]
-        return loss.to(pred_feats.dtype)
+        if world > 1:
+            # Every rank computes the same loss L over all ranks' rows and back-propagates into its
+            # own rows only; DDP then averages the W ranks' gradients. Rank r's rows get W dL/dx_r,
+            # as the backward of a differentiable all-gather would give (the sum over the W ranks'
+            # copies of L), so that the average is dL/dtheta of one process over the whole batch.
+            x_in = _ScaleGrad.apply(x_in, float(world))
+        with _autocast_off(x_in.device):
+            x = _normalize_rows(x_in.to(dtype), self.eps, name)  # [B, D], carries the gradient
+            with torch.no_grad():
+                y = _normalize_rows(target_feats.detach().flatten(1).to(dtype), self.eps, name)
+                new_p, new_t = x.detach(), y
+                if world > 1:
+                    new_p, new_t = _all_gather_rows(new_p, new_t, op)  # [W*B, D], rank order
+                if self.pred_queue is None:
+                    self._allocate(d, dtype, x.device)
+                slots = (self.ptr + torch.arange(n, device=x.device)) % self.queue_size  # [W*B] ring slots
+                q = min(self.filled + n, self.queue_size)
+                dots_p, dots_t = self._insert(new_p, new_t, slots, q, name)
+                self.filled, self.ptr = q, (self.ptr + n) % self.queue_size
+            if q < 2:  # exactly 0, with a graph whose gradient is exactly 0 (not 0 times the
+                return x_in[:0].sum()  # normalization's derivative, NaN at a zero row when eps = 0)
+            local = slots[rank * b:(rank + 1) * b]  # where this rank's rows sit
+            if name == "reference":
+                loss = self._reference_loss(x, new_p, slots, local, q, rank, b)
+            else:
+                need_grad = torch.is_grad_enabled() and x.requires_grad
+                loss = _d2sm_forward(x, self.pred_queue[:q], self.pred_sim[:q, :q], self.target_sim[:q, :q],
+                                     dots_p, dots_t, local if need_grad else local[:0], self.mode, self.eps,
+                                     name)[0]
+            return loss.to(pred_feats.dtype)
 
     def _reference_loss(self, x, new_p, slots, local, q, rank, b):
         """Plain PyTorch with autograd over the cached similarities: the new rows' entries are
@@ -480,6 +541,8 @@ class D2SMLoss(nn.Module):
         for name, v in (("patch_size", patch_size), ("patch_stride", patch_stride)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"D2SMLoss: {name} must be an int >= 1, got {v!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"D2SMLoss: weight must be a finite number, got {weight!r}")
         self.layer, self.internal_patches = layer, bool(internal_patches)
         self.patch_size, self.patch_stride, self.weight = patch_size, patch_stride, float(weight)
         if isinstance(extractor, nn.Module):
@@ -522,6 +585,13 @@ class D2SMLoss(nn.Module):
         if restored.shape != clean.shape:
             raise ValueError(f"D2SMLoss: restored and clean shapes differ: {tuple(restored.shape)} vs "
                              f"{tuple(clean.shape)}")
+        if restored.dtype != clean.dtype:
+            raise TypeError(f"D2SMLoss: restored and clean dtypes differ: {restored.dtype} vs {clean.dtype}")
+        if restored.device != clean.device:
+            raise ValueError(f"D2SMLoss: restored and clean are on different devices: {restored.device} vs "
+                             f"{clean.device}")
+        if restored.numel() == 0:
+            raise ValueError(f"D2SMLoss: restored is empty, shape {tuple(restored.shape)}")
         if self.internal_patches:
             restored, clean = self.patches(restored), self.patches(clean)
         fu = self._features(restored)

@@ -1,6 +1,10 @@
 """D2SMQueue under torch.distributed: 2 processes on gloo (CPU). Every rank all-gathers the batch
 rows, holds the same queue and computes the loss of one process over the concatenated batch; the
-gradient reaches only its own rows."""
+gradient reaches only its own rows, scaled by the world size so that DistributedDataParallel's
+average over the ranks is the single process's gradient (as a differentiable all-gather's
+backward would give). And a training step: D2SMLoss on a model wrapped in
+DistributedDataParallel gives, step after step, the loss and the parameter gradients of one
+process over the concatenated batch."""
 import os
 import socket
 
@@ -8,11 +12,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fastloss
 from fastloss import _backend
 
 WORLD, B, D, QUEUE, STEPS = 2, 3, 11, 10, 5  # 6 rows a call through a queue of 10: it wraps
+IMG_B, IMG_QUEUE, IMG_STEPS = 2, 6, 4  # D2SMLoss: 4 images a step through a queue of 6
 
 
 def _backend_name():
@@ -26,6 +33,35 @@ def _batches():
              torch.randn(WORLD * B, D, generator=g, dtype=torch.float64).relu()) for _ in range(STEPS)]
 
 
+def _images():
+    """Every step's (restored-to-be, clean) images of both ranks, float64."""
+    g = torch.Generator().manual_seed(11)
+    return [(torch.rand(WORLD * IMG_B, 3, 10, 10, generator=g, dtype=torch.float64),
+             torch.rand(WORLD * IMG_B, 3, 10, 10, generator=g, dtype=torch.float64)) for _ in range(IMG_STEPS)]
+
+
+def _training_setup():
+    """The same model and loss in every process: a 3 -> 3 conv to train, and D2SMLoss on a frozen
+    random conv extractor (rows of 4 x 8 x 8 = 256 features)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1)).double()
+    extractor = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).double()
+    crit = fastloss.D2SMLoss(extractor=extractor, queue_size=IMG_QUEUE, mode="paper", weight=3.0,
+                             backend=_backend_name())
+    return model, crit
+
+
+def _train(model, crit, slice_of):
+    """IMG_STEPS steps; each step's loss and parameter gradients (zeroed after each step)."""
+    out = []
+    for u, v in _images():
+        loss = crit(model(slice_of(u)), slice_of(v))
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad()
+    return out
+
+
 def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
@@ -37,7 +73,10 @@ def _worker(rank, port, out_dir):
             loss = queue(x, y_all[rank * B:(rank + 1) * B])
             loss.backward()
             results.append((loss.detach(), x.grad))
-        torch.save({"results": results, "queue": queue.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        model, crit = _training_setup()
+        training = _train(DDP(model), crit, lambda t: t[rank * IMG_B:(rank + 1) * IMG_B])
+        torch.save({"results": results, "queue": queue.state_dict(), "training": training},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -58,14 +97,23 @@ def test_two_ranks_on_gloo_equal_one_process_over_the_concatenated_batch(tmp_pat
         loss = single(x, y_all)
         loss.backward()
         expected.append((loss.detach(), x.grad))
+    model, crit = _training_setup()
+    training = _train(model, crit, lambda t: t)
+    assert all(loss > 1e-6 for loss, _ in training[1:])  # a loss with something to compare
     for rank in range(WORLD):
         saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for (loss, grad), (loss1, grad1) in zip(saved["results"], expected):
             torch.testing.assert_close(loss, loss1, rtol=1e-12, atol=0)
-            torch.testing.assert_close(grad, grad1[rank * B:(rank + 1) * B], rtol=1e-10, atol=1e-18)
+            # the rank's rows get W times their gradient: DDP averages W such contributions
+            torch.testing.assert_close(grad, WORLD * grad1[rank * B:(rank + 1) * B], rtol=1e-10, atol=1e-18)
         for name, value in single.state_dict().items():  # every rank holds the single process's queue
             if isinstance(value, torch.Tensor):
                 torch.testing.assert_close(saved["queue"][name], value, rtol=1e-12, atol=1e-15)
+        assert len(saved["training"]) == IMG_STEPS
+        for step, ((loss, grads), (loss1, grads1)) in enumerate(zip(saved["training"], training)):
+            torch.testing.assert_close(loss, loss1, rtol=1e-10, atol=0, msg=lambda m: f"step {step} loss: {m}")
+            for g, g1 in zip(grads, grads1):  # DDP's average over the ranks = the single process
+                torch.testing.assert_close(g, g1, rtol=1e-8, atol=1e-14, msg=lambda m: f"step {step} grad: {m}")
 
 
 def test_without_a_process_group_it_is_one_process():

@@ -3,9 +3,9 @@
 // and the D2SMQueue helpers (row normalization, the cache update, the skinny products).
 //
 // Inputs of the pass: the pred-side and target-side similarities G' = sp, G = st ([q, q],
-// symmetric, unit stride along a row), their row sums dots_i = sum_k G_ik (float64;
-// = f_hat_i . sum_k f_hat_k, so that no q x q pass is needed for them), and the rows b whose
-// gradient is wanted. With K = (G + 1) / 2:
+// symmetric, unit stride along a row), their row sums dots_i = sum_k G_ik (float64, the sums of
+// these very entries: d2sm_kl sums the matrices, a D2SMQueue keeps running sums of its cache), and
+// the rows b whose gradient is wanted. With K = (G + 1) / 2:
 //
 //   pkt:   R_i = (q + dots_i) / 2,                   j over all q,   scale = 1 / q^2
 //          P = K'_ij / R'_i, Q = K_ij / R_i,   term = -Q lg,   a = -Q / (P + eps)
@@ -521,26 +521,53 @@ at::Tensor d2sm_rows_combine(const at::Tensor& g, const at::Tensor& bank) {
 }
 
 // Row normalization f_hat = f / (||f||_2 + eps), entries that come out NaN set to 0, and its
-// backward, exactly as autograd differentiates that formula (fastloss/d2sm.py, _normalize):
+// backward, as autograd differentiates that formula (fastloss/d2sm.py, _normalize):
 //   g_raw = 0 where f / (n + eps) is NaN, else g
 //   grad_f = g_raw / (n + eps) - (g_raw . f) / (n + eps)^2 * f / n     (the last term 0 where n = 0)
+// Both in float64 for float32 rows: the norm's squares, the division (a denormal or huge norm
+// rounded to float32 would lose its digits) and the backward's second term, written as
+//   grad_f = (g_raw - (g_raw . u) u n / (n + eps)) / (n + eps),   u = f / n,
+// whose factors stay near 1 however large or small the row (f / n^3 formed directly underflows:
+// 1e-60 for a float32 row of 1e30, 0 in float32). float64 rows whose largest magnitude is out
+// of [2^-450, 2^450] are scaled by a power of two for the norm (exact), as in _normalize.
 // Rows in parallel only past ~256K elements: a queue call's few rows stay on the calling thread
 // (a parallel region costs more than the work, and much more when the cores are busy).
 namespace {
+template <typename T>
+double row_norm(const T* x, int64_t D) {
+  double top = 0.0;
+  if constexpr (std::is_same<T, double>::value) {
+    for (int64_t d = 0; d < D; ++d) top = std::max(top, std::fabs(x[d]));  // NaN: not counted
+  }
+  int e = 0;
+  if (top > 0x1p450 || (top > 0.0 && top < 0x1p-450)) {
+    if (std::isinf(top)) return top;  // an infinite entry: an infinite norm, as autograd's formula
+    std::frexp(top, &e);
+  }
+  double ss = 0.0;
+  if (e == 0) {
+    for (int64_t d = 0; d < D; ++d) ss += double(x[d]) * double(x[d]);
+    return std::sqrt(ss);
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    const double v = std::ldexp(double(x[d]), -e);
+    ss += v * v;
+  }
+  return std::ldexp(std::sqrt(ss), e);
+}
+
 template <typename T>
 void normalize_rows(const T* f, T* out, double* norms, int64_t rows, int64_t D, double eps) {
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(D, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* x = f + r * D;
-      double ss = 0.0;
-      for (int64_t d = 0; d < D; ++d) ss += double(x[d]) * double(x[d]);
-      const double n = std::sqrt(ss);
+      const double n = row_norm(x, D);
       norms[r] = n;
-      const T den = static_cast<T>(n + eps);
+      const double den = n + eps;
       T* o = out + r * D;
       for (int64_t d = 0; d < D; ++d) {
-        const T v = x[d] / den;
+        const T v = static_cast<T>(double(x[d]) / den);
         o[d] = std::isnan(v) ? T(0) : v;
       }
     }
@@ -556,17 +583,20 @@ void normalize_rows_backward(const T* g, const T* f, const double* norms, T* out
       const T* x = f + r * D;
       const T* gr = g + r * D;
       const double n = norms[r];
-      const T den = static_cast<T>(n + eps);
-      double dot = 0.0;  // g_raw . f
-      for (int64_t d = 0; d < D; ++d) {
-        const T graw = std::isnan(x[d] / den) ? T(0) : gr[d];
-        dot += double(graw) * double(x[d]);
+      const double den = n + eps;
+      double s = 0.0;  // g_raw . u
+      if (n != 0.0) {
+        for (int64_t d = 0; d < D; ++d) {
+          const double graw = std::isnan(double(x[d]) / den) ? 0.0 : double(gr[d]);
+          s += graw * (double(x[d]) / n);
+        }
       }
-      const T k = n == 0.0 ? T(0) : static_cast<T>(dot / ((n + eps) * (n + eps) * n));
+      const double k = n == 0.0 ? 0.0 : s * (n / den);
       T* o = out + r * D;
       for (int64_t d = 0; d < D; ++d) {
-        const T graw = std::isnan(x[d] / den) ? T(0) : gr[d];
-        o[d] = graw / den - k * x[d];
+        const double graw = std::isnan(double(x[d]) / den) ? 0.0 : double(gr[d]);
+        const double u = n == 0.0 ? 0.0 : double(x[d]) / n;
+        o[d] = static_cast<T>((graw - k * u) / den);
       }
     }
   });
