@@ -176,6 +176,8 @@ class VGG(nn.Module):
 
         if isinstance(layers, str):
             layers = (layers,)
+        elif not isinstance(layers, Iterable):
+            raise TypeError(f"VGG: layers must be a layer name or an iterable of names, got {type(layers).__name__}")
         requested = tuple(dict.fromkeys(layers))  # drop repeats, keep order
         if not requested:
             raise ValueError("VGG: layers is empty; ask for at least one layer, e.g. ('relu4_3',)")
@@ -259,9 +261,11 @@ class VGG(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """``{layer: features(x) at that layer}`` in requested order; x is [N, 3, H, W]."""
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"VGG: expected input of shape (N, 3, H, W), got {tuple(x.shape)}")
+        """``{layer: features(x) at that layer}`` in requested order; x is [N, 3, H, W] of any
+        floating dtype, converted to the extractor's (float32 unless the module was converted):
+        float16 / bfloat16 images are computed in float32 and give float32 features."""
+        self._check_input(x)
+        x = x.to(self.features[0].weight.dtype)
         if self.normalize:
             x = (x - self.mean) / self.std
         found: Dict[str, torch.Tensor] = {}
@@ -270,6 +274,24 @@ class VGG(nn.Module):
             if i in self._out_index:
                 found[self._out_index[i]] = x
         return {name: found[name] for name in self.layers}
+
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"VGG: x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"VGG: x must be a floating-point tensor (an image in [0, 1]), got dtype {x.dtype}")
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"VGG: expected input of shape (N, 3, H, W), got {tuple(x.shape)}")
+        if x.numel() == 0:
+            raise ValueError(f"VGG: x is empty, shape {tuple(x.shape)}")
+        # every pool halves (rounding down) and needs at least 2 x 2 in
+        need = 2 ** sum(1 for m in self.features if isinstance(m, nn.MaxPool2d))
+        if x.shape[2] < need or x.shape[3] < need:
+            raise ValueError(f"VGG: x is {x.shape[2]} x {x.shape[3]}, smaller than the {need} x {need} that "
+                             f"{self.arch} needs up to {self._deepest}")
+        device = self.features[0].weight.device
+        if x.device != device:
+            raise ValueError(f"VGG: x is on {x.device} but the extractor is on {device}; move one of them")
 
     def extra_repr(self) -> str:
         return f"arch={self.arch!r}, layers={self.layers}, normalize={self.normalize}"

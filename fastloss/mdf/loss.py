@@ -30,6 +30,7 @@ Two ways to compute it:
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -102,6 +103,7 @@ def mdf_reference(pred: Tensor, target: Tensor, weights, scales: int = 8, ascend
     """The published loss: ``mean_b sum_s sum_f mean_chw (F_sf(pred) - F_sf(target))^2``, autograd
     through plain torch ops; ``weights`` is an ``MDFWeights`` or anything ``fastloss.mdf.load`` takes."""
     _check_images(pred, target, "mdf_reference")
+    ascending = _check_ascending(ascending, "mdf_reference")
     w = load(weights)
     discs = [_cast(w.discriminators[i], pred.device, pred.dtype) for i in select(len(w), scales, ascending)]
     return _reference_loss(pred, target, discs, w.eps, w.negative_slope)
@@ -195,7 +197,8 @@ def _sqdiff_forward_impl(backend, feats, chan_w, batch, save_diff):
     elif backend == "triton":
         from ..kernels import mdf as triton_mdf
 
-        loss, diffs = triton_mdf.mdf_sqdiff_forward(feats, chan_w, batch, save_diff)
+        with _backend.triton_launch_guard():
+            loss, diffs = triton_mdf.mdf_sqdiff_forward(feats, chan_w, batch, save_diff)
     elif backend == "reference":
         loss = sqdiff_reference(feats, chan_w, batch)
         diffs = [(x[:batch] - x[batch:]).contiguous(memory_format=_sample_layout(x)) for x in feats] if save_diff else []
@@ -212,7 +215,8 @@ def _sqdiff_backward_impl(backend, grad, diffs, chan_w):
     if backend == "triton":
         from ..kernels import mdf as triton_mdf
 
-        return triton_mdf.mdf_sqdiff_backward(grad, diffs, chan_w)
+        with _backend.triton_launch_guard():
+            return triton_mdf.mdf_sqdiff_backward(grad, diffs, chan_w)
     if backend == "reference":
         g = grad.to(_acc_dtype(diffs[0].dtype)).view(-1, 1, 1, 1)
         return [(2 * g * w.view(1, -1, 1, 1) * d).to(d.dtype) for d, w in zip(diffs, chan_w)]
@@ -252,6 +256,7 @@ def _sqdiff_setup(ctx, inputs, output):
     feats, chan_w, batch, save_diff, backend = inputs
     ctx.save_for_backward(*output[1], *chan_w)
     ctx.mark_non_differentiable(*output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved tensors
     ctx.m, ctx.save_diff, ctx.backend = len(feats), save_diff, backend
 
 
@@ -303,7 +308,9 @@ def _conv_lrelu(x: Tensor, w: Tensor, b: Tensor, groups: int, slope: float, back
     if backend == "triton":
         from ..kernels import mdf as triton_mdf
 
-        return triton_mdf.bias_leaky_relu_(F.conv2d(x, w, None, groups=groups), b, slope)
+        y = F.conv2d(x, w, None, groups=groups)
+        with _backend.triton_launch_guard():  # the interpreter runs one kernel at a time
+            return triton_mdf.bias_leaky_relu_(y, b, slope)
     if backend == "cuda":
         y = F.conv2d(x, w, None, groups=groups)
         _ext.load("_C_cuda")[0].mdf_bias_leaky_relu_(y, b, slope, _stream(y))
@@ -342,6 +349,13 @@ def _check_params(params, unit_sizes):
         raise ValueError(f"{_OP}: {len(params)} parameter tensors for {len(unit_sizes)} units")
 
 
+def _no_autocast(device):
+    """The fast path runs in the input's dtype whatever autocast asks: under autocast some of its
+    convolutions (the fused oneDNN ones) would stay in float32 and others not, and its kernels take
+    one dtype; a loss computed in float32 is what autocast asks of losses anyway."""
+    return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext()
+
+
 def _spatial(H, W):
     """(head, body, tail) feature sizes of an H x W input."""
     return (H - 2, W - 2), (H - 8, W - 8), (H - 10, W - 10)
@@ -359,7 +373,7 @@ def mdf_forward(pred: Tensor, target: Tensor, params: List[Tensor], unit_sizes: 
     _check_params(params, unit_sizes)
     B, _, H, W = pred.shape
     rows = 2 * B if target_grad else B
-    with torch.no_grad():
+    with torch.no_grad(), _no_autocast(pred.device):
         z = torch.cat([pred, target]).contiguous(memory_format=torch.channels_last)  # [2B, 3, H, W]
         h = _conv_lrelu(z, params[0], params[1], 1, slope, backend)  # [2B, S, H-2, W-2], every head
         del z
@@ -422,7 +436,7 @@ def mdf_backward(grad: Tensor, saved: List[Tensor], params: List[Tensor], unit_s
     B = d_head.shape[0]
     rows = 2 * B if need_target else B
     units, per_channel = _unit_layout(params, unit_sizes)
-    with torch.no_grad():
+    with torch.no_grad(), _no_autocast(grad.device):
         g_feats = mdf_sqdiff_backward(grad, diffs, _chan_weights(units, per_channel, _spatial(
             d_head.shape[2] + 2, d_head.shape[3] + 2), d_head.device, d_head.dtype), backend)  # [B, ...] each
         if need_target:
@@ -468,6 +482,7 @@ def _mdf_setup(ctx, inputs, output):
     pred, target, params, unit_sizes, slope, need_grad, target_grad, backend = inputs
     ctx.save_for_backward(*output[1])
     ctx.mark_non_differentiable(*output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved tensors
     ctx.params, ctx.unit_sizes, ctx.slope, ctx.backend = params, unit_sizes, slope, backend
     ctx.target_grad = target_grad
 
@@ -488,6 +503,20 @@ mdf_forward.register_autograd(_mdf_backward, setup_context=_mdf_setup)
 
 
 # --------------------------------------------------------------------------- the module
+@torch.compiler.assume_constant_result  # like _backend.resolve: decided once at trace time
+def _half_on_cpu_backend(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``backend="auto"`` (or the scope / FASTLOSS_BACKEND) would run a float16 / bfloat16
+    CPU input on the cpu backend in float32; a backend named explicitly keeps its own dtype rules."""
+    return (device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+            and _backend.requested(backend, "MDFLoss") == "auto" and _backend.status("cpu")[0])
+
+
+def _check_ascending(ascending, op):
+    if isinstance(ascending, str) or ascending not in (True, False):
+        raise ValueError(f"{op}: ascending must be True or False, got {ascending!r}")
+    return bool(ascending)
+
+
 class MDFLoss(nn.Module):
     """``mean_b sum_s sum_f mean_chw (F_sf(pred) - F_sf(target))^2`` over the first ``scales``
     discriminators of a set (see the module docstring).
@@ -510,8 +539,9 @@ class MDFLoss(nn.Module):
         super().__init__()
         _backend.requested(backend, "MDFLoss")
         self.weights = load(weights)
-        self.indices = select(len(self.weights), scales, bool(ascending))
-        self.scales, self.ascending, self.backend = scales, bool(ascending), backend
+        ascending = _check_ascending(ascending, "MDFLoss")
+        self.indices = select(len(self.weights), scales, ascending)
+        self.scales, self.ascending, self.backend = scales, ascending, backend
         if grouped not in (None, True, False):
             raise ValueError(f"MDFLoss: grouped must be None, True or False, got {grouped!r}")
         self.grouped = grouped
@@ -544,6 +574,11 @@ class MDFLoss(nn.Module):
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         _check_images(pred, target)
+        if _half_on_cpu_backend(self.backend, pred.device, pred.dtype):
+            # auto on the CPU: the cpu backend's kernels take float32 / float64, so float16 / bfloat16
+            # images run there in float32 (not in the reference in their own dtype); the loss comes
+            # back in their dtype, and so do the gradients (through the casts)
+            return self.forward(pred.float(), target.float()).to(pred.dtype)
         name = _backend.resolve(_OP, self.backend, pred.device, pred.dtype, dtypes=_DTYPES)
         if name == "reference":
             return _reference_loss(pred, target, self.reference_discriminators(pred.device, pred.dtype),

@@ -62,6 +62,10 @@ class WeightFileError(ValueError):
     """A weight file is missing, truncated, corrupt, or not of a supported format or architecture."""
 
 
+class WeightFileNotFoundError(WeightFileError, FileNotFoundError):
+    """The weight file does not exist (both a ``WeightFileError`` and a ``FileNotFoundError``)."""
+
+
 class UnsafePickleError(WeightFileError):
     """A pickle names a global (or uses an opcode) outside the loader's allow-list; nothing in it ran."""
 
@@ -521,8 +525,11 @@ def shipped_path(name: str) -> str:
 
 
 def _read(path: str) -> bytes:
+    if os.path.isdir(path):
+        raise WeightFileError(f"MDF: weights={path!r} is a directory, expected a weight file")
     if not os.path.isfile(path):
-        raise WeightFileError(f"MDF weights: no such file {path!r}")
+        raise WeightFileNotFoundError(f"MDF: weights={path!r}: no such file (expected a path to a weight file "
+                                      f"or one of the shipped sets {SHIPPED})")
     with open(path, "rb") as f:
         return f.read()
 
