@@ -125,6 +125,53 @@ def test_cpu_zero_split_matches_stable_sort_and_reference(n, dtype):
                 torch.testing.assert_close(y1.grad, y2.grad, rtol=TOL[dtype], atol=TOL[dtype])
 
 
+def _range_rows(n, dtype):
+    """Rows whose spans of key bits differ, for the CPU sort's range-adaptive digits: a narrow
+    band (one or two short digits), one repeated value among zeros (nothing to sort), values a
+    few ulps apart, a full-range row with infinities, NaNs, denormals and huge values (every bit
+    of the key), ReLU'd Gaussians (the usual case), and just over the comparison-sort cutoff of
+    non-zero values with the rest zeros."""
+    g = torch.Generator().manual_seed(n + 7)
+    f = torch.float64
+    tiny = torch.finfo(dtype).tiny
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), tiny / 4, -tiny / 8, 1e30, -1e30, 0.0, -0.0],
+                           dtype=f)
+    full = torch.randn(n, generator=g, dtype=f) * 10.0 ** torch.randint(-30, 30, (n,), generator=g)
+    full[torch.randperm(n, generator=g)[:len(special)]] = special[:min(n, len(special))]
+    one = torch.where(torch.rand(n, generator=g) < 0.5, 0.0, 3.25)
+    ulps = 1.0 + torch.randint(0, 5, (n,), generator=g).to(f) * torch.finfo(dtype).eps
+    sparse = torch.zeros(n, dtype=f)
+    sparse[torch.randperm(n, generator=g)[:min(n, 100)]] = torch.randn(min(n, 100), generator=g, dtype=f)
+    rows = [1.0 + 1e-3 * torch.rand(n, generator=g, dtype=f), one, ulps, full,
+            torch.randn(n, generator=g, dtype=f).relu(), sparse]
+    return torch.stack(rows)[None].to(dtype)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("n", [97, 300, 4099])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_sort_digits_adapt_to_the_row_range(n, dtype):
+    """The permutation is torch's stable argsort on every kind of row, and the loss and its
+    gradient match the reference where they are finite (the NaN row gives NaN)."""
+    x = _range_rows(n, dtype)
+    y = _range_rows(n + 1, dtype)[:, :, 1:]  # row kinds paired: the NaN rows meet
+    _, perm, perm_t, _ = _pdl_forward(x, y, 1, True, "cpu")
+    assert torch.equal(perm.long(), torch.sort(x, dim=-1, stable=True).indices)
+    assert torch.equal(perm_t.long(), torch.sort(y, dim=-1, stable=True).indices)
+    out = fastloss.pdl(x, y, reduction="none", backend="cpu")
+    ref = pdl_reference(x, y, reduction="none")
+    assert torch.isnan(out).all() and torch.isnan(ref).all()  # the full-range row holds a NaN
+    keep = [0, 1, 2, 4, 5]  # every row but the full-range one
+    xs, ys = x[:, keep].clone().requires_grad_(), y[:, keep]
+    xr = xs.detach().clone().requires_grad_()
+    out = fastloss.pdl(xs, ys, reduction="none", backend="cpu")
+    ref = pdl_reference(xr, ys, reduction="none")
+    torch.testing.assert_close(out, ref, rtol=TOL[dtype], atol=TOL[dtype])
+    out.backward(torch.full_like(out, -1.3))
+    ref.backward(torch.full_like(ref, -1.3))
+    torch.testing.assert_close(xs.grad, xr.grad, rtol=TOL[dtype], atol=TOL[dtype])
+
+
 @requires_cpu_ext
 def test_cpu_saves_int32_permutation_and_one_small_value_per_element():
     x = torch.randn(2, 3, 40, requires_grad=True)
