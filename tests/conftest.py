@@ -29,3 +29,12 @@ def fast_cpu_backends():
 
 
 requires_cpu_ext = pytest.mark.skipif(not _backend.status("cpu")[0], reason="fastloss._C not built")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for a process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -12,7 +12,7 @@ import torch
 import fastloss
 from fastloss.pdl import pdl_reference
 
-from conftest import requires_cpu_ext
+from conftest import free_port, requires_cpu_ext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -182,14 +182,6 @@ _DDP_WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @requires_cpu_ext
 def test_ddp_gloo_two_processes_equal_single_process_over_concatenated_batch(tmp_path):
     script = tmp_path / "worker.py"
@@ -197,7 +189,7 @@ def test_ddp_gloo_two_processes_equal_single_process_over_concatenated_batch(tmp
     env = dict(os.environ, OMP_NUM_THREADS="1")
     single = tmp_path / "single.json"
     subprocess.run([sys.executable, str(script), "0", "1", "0", str(single)], check=True, env=env, cwd=ROOT, timeout=300)
-    port = str(_free_port())
+    port = str(free_port())
     multi = tmp_path / "ddp.json"
     procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", port, str(multi)], env=env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]

@@ -17,7 +17,7 @@ from fastloss import _backend
 from fastloss.features import VGG, layer_names, vgg16, vgg19
 from fastloss.mdf import WeightFileError, mdf_reference
 
-from conftest import requires_cpu_ext
+from conftest import free_port, requires_cpu_ext
 from test_mdf_weights import random_set
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -495,21 +495,13 @@ _DDP_WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @requires_cpu_ext
 def test_ddp_gloo_two_processes_equal_single_process_over_concatenated_batch(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(_DDP_WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     single, multi = tmp_path / "single.json", tmp_path / "ddp.json"
-    port = str(_free_port())
+    port = str(free_port())
     procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", port, str(multi)], env=env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     # meanwhile, the same script as one process over the whole batch, here
