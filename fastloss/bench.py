@@ -125,7 +125,9 @@ def _pdl(backend, args):
 def _d2sm(backend, args):
     if not hasattr(fastloss, "D2SMLoss"):
         raise RuntimeError("fastloss.D2SMLoss is not available in this version")
-    return _L1Plus(fastloss.D2SMLoss(extractor_weights=args.vgg_weights, backend=backend, queue_size=64))
+    # the module's defaults (VGG19 conv5_4, a queue of 256): what a user gets; the loss itself is
+    # a small part of such a step, whose cost is VGG19's forward and backward
+    return _L1Plus(fastloss.D2SMLoss(extractor_weights=args.vgg_weights, backend=backend))
 
 
 def _mdf(backend, args):
