@@ -184,6 +184,7 @@ def _setup_context(ctx, inputs, output):
     x = inputs[0]
     _, grad_x = output
     ctx.save_for_backward(grad_x)
+    ctx.n_inputs = len(inputs)
     ctx.x_shape = tuple(x.shape)
     ctx.dtype = x.dtype
     ctx.mark_non_differentiable(grad_x)
@@ -194,15 +195,80 @@ def _backward(ctx, grad_loss, _):
     if torch.is_grad_enabled():
         raise RuntimeError(_DOUBLE_BACKWARD)
     if grad_loss is None:  # grads are not materialized: the loss got none (gradcheck checks this)
-        return (None,) * 10
+        return (None,) * ctx.n_inputs
     (grad_x,) = ctx.saved_tensors
     if tuple(grad_x.shape) != ctx.x_shape:
         raise RuntimeError(f"d2sm: the forward computed the gradient of {grad_x.shape[0]} rows but x has "
                            f"shape {ctx.x_shape}: pass rows for every row of x when x needs gradient")
-    return (grad_loss * grad_x).to(ctx.dtype), None, None, None, None, None, None, None, None, None
+    return ((grad_loss * grad_x).to(ctx.dtype),) + (None,) * (ctx.n_inputs - 1)
 
 
 _d2sm_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- queue ops
+# D2SMQueue's update and its loss as custom ops, so that torch.compile(fullgraph=True) traces a
+# queue call: the fill level and the ring pointer are 0-dim int64 tensors that the ops read and
+# update (no Python state changes per call, hence no recompiles), and the set's size q, which
+# the q x q slices depend on, is read inside the ops: every shape the graph sees is static.
+def _insert_side(new, bank, sim, rowsum, slots, q):
+    bank.index_copy_(0, slots, new)
+    m = new @ bank[:q].T  # [N, q] the new rows against the set
+    old = sim[:q].index_select(1, slots)  # [q, N] the entries they replace
+    sim[:q].index_copy_(1, slots, m.T.contiguous())
+    sim[:, :q].index_copy_(0, slots, m)
+    block = m.index_select(1, slots).triu()  # [N, N]: one product for both entries of a pair
+    sim[slots[:, None], slots[None, :]] = block + block.triu(1).T
+    rowsum[:q] += (m.T.to(torch.float64) - old.to(torch.float64)).sum(1)
+    rowsum.index_copy_(0, slots, sim[:, :q].index_select(0, slots).sum(1, dtype=torch.float64))
+
+
+@torch.library.custom_op("fastloss::d2sm_queue_insert", mutates_args=(
+    "bank_p", "bank_t", "sim_p", "sim_t", "rowsum_p", "rowsum_t", "filled", "ptr"))
+def _d2sm_queue_insert(new_p: Tensor, new_t: Tensor, bank_p: Tensor, bank_t: Tensor, sim_p: Tensor, sim_t: Tensor,
+                       rowsum_p: Tensor, rowsum_t: Tensor, filled: Tensor, ptr: Tensor, backend: str) -> Tensor:
+    """Write the new rows [N, D] of both sides into the N ring slots from ``ptr`` on, update the
+    caches [S, S] and their running row sums [S] (float64) in place over the set [0, q),
+    q = min(filled + N, S), then ``filled`` = q and ``ptr`` += N (mod S); returns the slots [N]
+    int64. Nothing is written when the insertion raises."""
+    size, n = bank_p.shape[0], new_p.shape[0]
+    start, q = int(ptr), min(int(filled) + n, size)
+    slots = (start + torch.arange(n, device=bank_p.device)) % size
+    if backend == "cpu":  # both sides at once, one single-threaded mm per thread
+        _ext.load("_C")[0].d2sm_queue_insert(new_p, new_t, slots, q, bank_p, bank_t, sim_p, sim_t, rowsum_p,
+                                             rowsum_t)
+    else:
+        for new, bank, sim, rowsum in ((new_p, bank_p, sim_p, rowsum_p), (new_t, bank_t, sim_t, rowsum_t)):
+            _insert_side(new, bank, sim, rowsum, slots, q)
+    filled.fill_(q)
+    ptr.fill_((start + n) % size)
+    return slots
+
+
+@_d2sm_queue_insert.register_fake
+def _(new_p, new_t, bank_p, bank_t, sim_p, sim_t, rowsum_p, rowsum_t, filled, ptr, backend):
+    return torch.empty((new_p.shape[0],), dtype=torch.int64, device=bank_p.device)
+
+
+@torch.library.custom_op("fastloss::d2sm_queue_forward", mutates_args=())
+def _d2sm_queue_forward(x: Tensor, bank: Tensor, sim_p: Tensor, sim_t: Tensor, rowsum_p: Tensor, rowsum_t: Tensor,
+                        filled: Tensor, rows: Tensor, mode: str, eps: float, backend: str) -> Tuple[Tensor, Tensor]:
+    """``_d2sm_forward`` over the queue's set [0, q), q = ``filled``: (loss 0-dim, grad_x [N, D]).
+    A set of fewer than 2 rows gives a zero loss and a zero gradient."""
+    q = int(filled)
+    if q < 2:
+        return sim_p.new_zeros(()), bank.new_zeros((rows.shape[0], bank.shape[1]))
+    loss, grad_rows = _fused_impl(backend, sim_p[:q, :q], sim_t[:q, :q], rowsum_p[:q], rowsum_t[:q], rows,
+                                  mode == "paper", eps)
+    return loss, _rows_combine(backend, grad_rows, bank[:q])
+
+
+@_d2sm_queue_forward.register_fake
+def _(x, bank, sim_p, sim_t, rowsum_p, rowsum_t, filled, rows, mode, eps, backend):
+    return sim_p.new_empty(()), bank.new_empty((rows.shape[0], bank.shape[1]))
+
+
+_d2sm_queue_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("fastloss::d2sm_normalize", mutates_args=())
@@ -370,11 +436,25 @@ class D2SMQueue(nn.Module):
         _check_mode_eps(mode, eps, "D2SMQueue")
         _backend.requested(backend, "D2SMQueue")
         self.queue_size, self.mode, self.eps, self.backend = queue_size, mode, float(eps), backend
-        self.filled, self.ptr = 0, 0  # rows in the queue; slot the next row goes to
         for name in self._BUFFERS:
             self.register_buffer(name, None)
+        # rows in the queue; slot the next row goes to: 0-dim tensors that the queue ops update
+        # in place, so that a compiled step neither changes Python state nor recompiles per call
+        # (not persistent: the state dict carries them as ints in the extra state)
+        self.register_buffer("_filled", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("_ptr", torch.zeros((), dtype=torch.int64), persistent=False)
         # follows .to(device): where a queue loaded from a state dict before any call is placed
         self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
+
+    @property
+    def filled(self) -> int:
+        """Rows in the queue."""
+        return int(self._filled)
+
+    @property
+    def ptr(self) -> int:
+        """The ring slot the next row goes to."""
+        return int(self._ptr)
 
     def extra_repr(self):
         return f"queue_size={self.queue_size}, mode={self.mode!r}, eps={self.eps}, filled={self.filled}"
@@ -383,7 +463,8 @@ class D2SMQueue(nn.Module):
         """Empty the queues (the next call starts a new warm-up)."""
         for name in self._BUFFERS:
             setattr(self, name, None)
-        self.filled, self.ptr = 0, 0
+        self._filled.zero_()
+        self._ptr.zero_()
 
     def get_extra_state(self):
         return {"filled": self.filled, "ptr": self.ptr, "queue_size": self.queue_size}
@@ -392,7 +473,8 @@ class D2SMQueue(nn.Module):
         if state["queue_size"] != self.queue_size:
             raise ValueError(f"D2SMQueue: the state has queue_size={state['queue_size']}, this queue has "
                              f"queue_size={self.queue_size}")
-        self.filled, self.ptr = int(state["filled"]), int(state["ptr"])
+        self._filled.fill_(int(state["filled"]))
+        self._ptr.fill_(int(state["ptr"]))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -428,30 +510,9 @@ class D2SMQueue(nn.Module):
         for name, sim in (("pred_rowsum", self.pred_sim), ("target_rowsum", self.target_sim)):
             if getattr(self, name).dtype != torch.float64:
                 rowsum = torch.zeros(self.queue_size, dtype=torch.float64, device=sim.device)
-                rowsum[:self.filled] = sim[:self.filled, :self.filled].sum(1, dtype=torch.float64)
+                filled = self.filled
+                rowsum[:filled] = sim[:filled, :filled].sum(1, dtype=torch.float64)
                 setattr(self, name, rowsum)
-
-    def _insert(self, new_p, new_t, slots, q, backend):
-        """Write the new rows [N, D] of both sides into ``slots``, update the caches and their
-        running row sums in place; return both sides' row sums over the set, [q] float64."""
-        if backend == "cpu":  # both sides at once, one single-threaded mm per thread
-            return _ext.load("_C")[0].d2sm_queue_insert(
-                new_p, new_t, slots, q, self.pred_queue, self.target_queue, self.pred_sim, self.target_sim,
-                self.pred_rowsum, self.target_rowsum)
-        dots = []
-        for new, bank, sim, rowsum in ((new_p, self.pred_queue, self.pred_sim, self.pred_rowsum),
-                                       (new_t, self.target_queue, self.target_sim, self.target_rowsum)):
-            bank.index_copy_(0, slots, new)
-            m = new @ bank[:q].T  # [N, q] the new rows against the set
-            old = sim[:q].index_select(1, slots)  # [q, N] the entries they replace
-            sim[:q].index_copy_(1, slots, m.T.contiguous())
-            sim[:, :q].index_copy_(0, slots, m)
-            block = m.index_select(1, slots).triu()  # [N, N]: one product for both entries of a pair
-            sim[slots[:, None], slots[None, :]] = block + block.triu(1).T
-            rowsum[:q] += (m.T.to(torch.float64) - old.to(torch.float64)).sum(1)
-            rowsum.index_copy_(0, slots, sim[:, :q].index_select(0, slots).sum(1, dtype=torch.float64))
-            dots.append(rowsum[:q].clone())
-        return dots
 
     def forward(self, pred_feats: Tensor, target_feats: Tensor) -> Tensor:
         op = "D2SMQueue"
@@ -482,6 +543,10 @@ class D2SMQueue(nn.Module):
             # as the backward of a differentiable all-gather would give (the sum over the W ranks'
             # copies of L), so that the average is dL/dtheta of one process over the whole batch.
             x_in = _ScaleGrad.apply(x_in, float(world))
+        elif n == 1 and name != "reference":
+            # the first call's set of one row: a zero loss whose gradient is exactly 0, not 0 times
+            # the normalization's derivative (NaN at a zero row when eps = 0); the same values
+            x_in = torch.where(self._filled > 0, x_in, x_in.detach())
         with _autocast_off(x_in.device):
             x = _normalize_rows(x_in.to(dtype), self.eps, name)  # [B, D], carries the gradient
             with torch.no_grad():
@@ -491,20 +556,21 @@ class D2SMQueue(nn.Module):
                     new_p, new_t = _all_gather_rows(new_p, new_t, op)  # [W*B, D], rank order
                 if self.pred_queue is None:
                     self._allocate(d, dtype, x.device)
-                slots = (self.ptr + torch.arange(n, device=x.device)) % self.queue_size  # [W*B] ring slots
-                q = min(self.filled + n, self.queue_size)
-                dots_p, dots_t = self._insert(new_p, new_t, slots, q, name)
-                self.filled, self.ptr = q, (self.ptr + n) % self.queue_size
-            if q < 2:  # exactly 0, with a graph whose gradient is exactly 0 (not 0 times the
-                return x_in[:0].sum()  # normalization's derivative, NaN at a zero row when eps = 0)
+                # [W*B] ring slots; fill level and pointer updated in place
+                slots = _d2sm_queue_insert(new_p, new_t, self.pred_queue, self.target_queue, self.pred_sim,
+                                           self.target_sim, self.pred_rowsum, self.target_rowsum, self._filled,
+                                           self._ptr, name)
             local = slots[rank * b:(rank + 1) * b]  # where this rank's rows sit
-            if name == "reference":
+            if name == "reference":  # plain PyTorch over the set's q rows (a Python int)
+                q = self.filled
+                if q < 2:  # exactly 0, with a graph whose gradient is exactly 0 (not 0 times the
+                    return x_in[:0].sum()  # normalization's derivative, NaN at a zero row when eps = 0)
                 loss = self._reference_loss(x, new_p, slots, local, q, rank, b)
-            else:
+            else:  # the set's size is read inside the op: static shapes, no recompiles
                 need_grad = torch.is_grad_enabled() and x.requires_grad
-                loss = _d2sm_forward(x, self.pred_queue[:q], self.pred_sim[:q, :q], self.target_sim[:q, :q],
-                                     dots_p, dots_t, local if need_grad else local[:0], self.mode, self.eps,
-                                     name)[0]
+                loss = _d2sm_queue_forward(x, self.pred_queue, self.pred_sim, self.target_sim, self.pred_rowsum,
+                                           self.target_rowsum, self._filled, local if need_grad else local[:0],
+                                           self.mode, self.eps, name)[0]
             return loss.to(pred_feats.dtype)
 
     def _reference_loss(self, x, new_p, slots, local, q, rank, b):
