@@ -332,13 +332,18 @@ def test_compiled_training_step_with_d2sm_kl_fullgraph_matches_eager():
 
 
 @requires_cpu_ext
-def test_compiled_training_step_with_d2sm_loss_matches_eager():
-    """D2SMLoss's step compiled without fullgraph: the queue's update is a Python-side state change
-    (fill level, ring pointer, buffers allocated on the first call) and a C++ call that
-    torch.compile leaves to eager mode, so fullgraph=True cannot trace it. Over 2 steps that fill
-    and wrap the queue, values, parameter gradients and the queue itself equal eager mode's.
-    (aot_eager: what is checked is the tracing, the graph breaks and the custom ops' autograd;
-    inductor's code generation is covered by the fullgraph test above.)"""
+def test_compiled_training_step_with_d2sm_loss_fullgraph_matches_eager():
+    """D2SMLoss's step compiled with fullgraph=True, called first (the queue's buffers are
+    allocated inside the compiled step): the queue update and its loss are custom ops, its fill
+    level and ring pointer 0-dim tensors. Over 6 steps that fill and wrap the queue (several
+    times, every pointer position), values, parameter gradients and every queue buffer equal
+    eager mode's, and the step compiles twice (the first call, which allocates the queue, and
+    every later one), not once per call. (aot_eager: what is checked is the tracing and the
+    custom ops' autograd and mutations; inductor's code generation is covered by the d2sm_kl
+    fullgraph test above.)"""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = nn.Conv2d(3, 3, 3, padding=1).double()
     crit = fastloss.D2SMLoss(extractor=TinyExtractor(torch.float64), queue_size=5, mode="pkt")
@@ -347,9 +352,10 @@ def test_compiled_training_step_with_d2sm_loss_matches_eager():
     def make_step(c):
         return lambda x, y: c(model(x), y)
 
-    compiled, eager = torch.compile(make_step(crit_c), backend="aot_eager"), make_step(crit)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled, eager = torch.compile(make_step(crit_c), backend=counter, fullgraph=True), make_step(crit)
     g = torch.Generator().manual_seed(1)
-    for _ in range(2):
+    for step in range(6):
         x = torch.rand(3, 3, 10, 10, generator=g, dtype=torch.float64)
         y = torch.rand(3, 3, 10, 10, generator=g, dtype=torch.float64)
         outs = []
@@ -358,10 +364,22 @@ def test_compiled_training_step_with_d2sm_loss_matches_eager():
             loss.backward()
             outs.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
             model.zero_grad()
+        assert outs[1][0].item() > 0
         torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-10, atol=0)
         for a, b in zip(outs[0][1], outs[1][1]):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-15)
-    assert crit_c.queue.filled == crit.queue.filled == 5 and crit_c.queue.ptr == crit.queue.ptr == 1
+        assert crit_c.queue.filled == crit.queue.filled == min(3 * (step + 1), 5)
+        assert crit_c.queue.ptr == crit.queue.ptr == 3 * (step + 1) % 5
+        for name in crit.queue._BUFFERS:
+            torch.testing.assert_close(getattr(crit_c.queue, name), getattr(crit.queue, name), rtol=1e-12,
+                                       atol=1e-14)
+    assert counter.frame_count == 2  # not once per call: no recompiles as the queue fills and wraps
+    # a reset queue is allocated again inside the compiled step, which still matches eager mode
+    crit_c.reset(), crit.reset()
+    x, y = torch.rand(3, 3, 10, 10, generator=g, dtype=torch.float64), torch.rand(3, 3, 10, 10, generator=g,
+                                                                                  dtype=torch.float64)
+    torch.testing.assert_close(compiled(x, y), eager(x, y), rtol=1e-10, atol=0)
+    assert crit_c.queue.filled == crit.queue.filled == 3
     torch.testing.assert_close(crit_c.queue.pred_sim, crit.queue.pred_sim, rtol=1e-12, atol=1e-14)
 
 
