@@ -12,7 +12,7 @@ import torch
 import fastloss
 from fastloss.pdl import pdl_reference
 
-from conftest import free_port, requires_cpu_ext
+from conftest import assert_bitwise_identical, free_port, requires_cpu_ext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,9 +90,7 @@ def test_cpu_runs_are_bitwise_identical_with_ties(p):
         finally:
             torch.set_num_threads(prev)
     assert results[0][1].abs().sum() > 0
-    for other in results[1:]:
-        for u, v in zip(results[0], other):
-            assert torch.equal(u, v)
+    assert_bitwise_identical(results)
 
 
 def test_use_deterministic_flag_and_torch_flag():

@@ -17,7 +17,7 @@ import fastloss
 from fastloss import _backend
 from fastloss.d2sm import d2sm_reference
 
-from conftest import requires_cpu_ext
+from conftest import assert_bitwise_identical, requires_cpu_ext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRITON = _backend.status("triton")[0]
@@ -437,9 +437,7 @@ def test_cpu_is_bitwise_deterministic_across_runs_and_thread_counts(run, mode):
     finally:
         fastloss.use_deterministic(False)
     assert results[0][1].abs().sum() > 0
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+    assert_bitwise_identical(results)
 
 
 # ----------------------------------------------------------------------------- thread safety

@@ -17,7 +17,7 @@ from fastloss import _backend
 from fastloss.features import VGG, layer_names, vgg16, vgg19
 from fastloss.mdf import WeightFileError, mdf_reference
 
-from conftest import free_port, requires_cpu_ext
+from conftest import assert_bitwise_identical, free_port, requires_cpu_ext
 from test_mdf_weights import random_set
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -542,9 +542,7 @@ def test_mdf_cpu_runs_are_bitwise_identical(dtype, grouped):
         torch.set_num_threads(prev)
         fastloss.use_deterministic(False)
     assert results[0][1].abs().sum() > 0 and results[0][2].abs().sum() > 0
-    for other in results[1:]:
-        for u, v in zip(results[0], other):
-            assert torch.equal(u, v)
+    assert_bitwise_identical(results)
 
 
 # ============================================================================= (f) thread safety

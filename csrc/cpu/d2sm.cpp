@@ -414,7 +414,7 @@ namespace {
 
 // One side of d2sm_queue_insert: the bank rows, the products, the cache and its row sums.
 template <typename T>
-at::Tensor insert_side(const at::Tensor& rows, const int64_t* slots, int64_t q, const at::Tensor& bank,
+void insert_side(const at::Tensor& rows, const int64_t* slots, int64_t q, const at::Tensor& bank,
                        const at::Tensor& sim, const at::Tensor& rowsum) {
   const int64_t N = rows.size(0), D = rows.size(1), size = sim.size(0);
   const T* new_ptr = rows.data_ptr<T>();
@@ -447,7 +447,6 @@ at::Tensor insert_side(const at::Tensor& rows, const int64_t* slots, int64_t q, 
     for (int64_t j = 0; j < q; ++j) total += static_cast<double>(row[j]);
     rs[slots[n]] = total;
   }
-  return rowsum.narrow(0, 0, q).clone();  // [q] float64
 }
 
 }  // namespace
@@ -455,9 +454,9 @@ at::Tensor insert_side(const at::Tensor& rows, const int64_t* slots, int64_t q, 
 // Inserts the N new normalized rows of both sides of a D2SMQueue into `slots` (distinct, in
 // [0, q)) and updates, in place: bank [S, D] (the queue), sim [S, S] (the similarity cache: rows
 // and columns `slots`, entries [0, q)) and rowsum [S] float64 (each row's sum of its cached
-// similarities over the set, f_hat_i . sum_k f_hat_k: a running sum kept per row, O(N q) a call).
-// Returns both sides' row sums over the set [0, q), float64: {dots_p, dots_t}.
-std::vector<at::Tensor> d2sm_queue_insert(const at::Tensor& new_p, const at::Tensor& new_t, const at::Tensor& slots_in,
+// similarities over the set: a running sum kept per row, O(N q) a call). The caller reads the
+// row sums from rowsum itself.
+void d2sm_queue_insert(const at::Tensor& new_p, const at::Tensor& new_t, const at::Tensor& slots_in,
                                           int64_t q, const at::Tensor& bank_p, const at::Tensor& bank_t,
                                           const at::Tensor& sim_p, const at::Tensor& sim_t,
                                           const at::Tensor& rowsum_p, const at::Tensor& rowsum_t) {
@@ -492,15 +491,13 @@ std::vector<at::Tensor> d2sm_queue_insert(const at::Tensor& new_p, const at::Ten
     TORCH_CHECK(slot_ptr[n] >= 0 && slot_ptr[n] < q, "d2sm_queue_insert (cpu): slots[", n, "]=", slot_ptr[n],
                 " is out of [0, ", q, ")");
   }
-  std::vector<at::Tensor> dots(2);
   AT_DISPATCH_FLOATING_TYPES(dtype, "d2sm_queue_insert_cpu", [&] {
     at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
       for (int64_t side = begin; side < end; ++side) {
-        dots[side] = insert_side<scalar_t>(rows[side], slot_ptr, q, *banks[side], *sims[side], *rowsums[side]);
+        insert_side<scalar_t>(rows[side], slot_ptr, q, *banks[side], *sims[side], *rowsums[side]);
       }
     });
   });
-  return dots;
 }
 
 // g [N, q] x bank [q, D] -> g bank [N, D]: the gradient of the new rows from grad_rows.
