@@ -129,8 +129,10 @@ def _range_rows(n, dtype):
     """Rows whose spans of key bits differ, for the CPU sort's range-adaptive digits: a narrow
     band (one or two short digits), one repeated value among zeros (nothing to sort), values a
     few ulps apart, a full-range row with infinities, NaNs, denormals and huge values (every bit
-    of the key), ReLU'd Gaussians (the usual case), and just over the comparison-sort cutoff of
-    non-zero values with the rest zeros."""
+    of the key), ReLU'd Gaussians (the usual case), 100 and 10 non-zero values among zeros (over
+    and under the comparison-sort cutoff), a narrow band with huge values (the top-bits order
+    leaves one long run: the insertion finish gives up and the full passes run), quantized
+    values (long runs of equal keys), and signed values with zeros (each sign sorted apart)."""
     g = torch.Generator().manual_seed(n + 7)
     f = torch.float64
     tiny = torch.finfo(dtype).tiny
@@ -142,8 +144,14 @@ def _range_rows(n, dtype):
     ulps = 1.0 + torch.randint(0, 5, (n,), generator=g).to(f) * torch.finfo(dtype).eps
     sparse = torch.zeros(n, dtype=f)
     sparse[torch.randperm(n, generator=g)[:min(n, 100)]] = torch.randn(min(n, 100), generator=g, dtype=f)
+    few = torch.zeros(n, dtype=f)
+    few[torch.randperm(n, generator=g)[:10]] = torch.randn(10, generator=g, dtype=f)
+    # a narrow band and huge values: the coarse top-bits order leaves the band in one long run
+    bimodal = torch.where(torch.rand(n, generator=g) < 0.5, 1e30, 1.0 + 1e-3 * torch.rand(n, generator=g, dtype=f))
+    quantized = (torch.randn(n, generator=g, dtype=f) * 4).round().relu() / 4  # many equal non-zero values
+    signed = torch.randn(n, generator=g, dtype=f) * (torch.rand(n, generator=g) < 0.7)  # both signs and zeros
     rows = [1.0 + 1e-3 * torch.rand(n, generator=g, dtype=f), one, ulps, full,
-            torch.randn(n, generator=g, dtype=f).relu(), sparse]
+            torch.randn(n, generator=g, dtype=f).relu(), sparse, few, bimodal, quantized, signed]
     return torch.stack(rows)[None].to(dtype)
 
 
@@ -161,7 +169,7 @@ def test_cpu_sort_digits_adapt_to_the_row_range(n, dtype):
     out = fastloss.pdl(x, y, reduction="none", backend="cpu")
     ref = pdl_reference(x, y, reduction="none")
     assert torch.isnan(out).all() and torch.isnan(ref).all()  # the full-range row holds a NaN
-    keep = [0, 1, 2, 4, 5]  # every row but the full-range one
+    keep = [0, 1, 2, 4, 5, 6, 7, 8, 9]  # every row but the full-range one
     xs, ys = x[:, keep].clone().requires_grad_(), y[:, keep]
     xr = xs.detach().clone().requires_grad_()
     out = fastloss.pdl(xs, ys, reduction="none", backend="cpu")

@@ -62,6 +62,7 @@ template <> struct Keyed<float> {
   uint32_t key() const { return uint32_t(bits >> 32); }
   float value() const { return key_to_float<float>(key()); }
   uint32_t index() const { return uint32_t(bits); }
+  bool operator<(const Keyed& o) const { return bits < o.bits; }  // by key, then position
 };
 template <> struct Keyed<double> {
   uint64_t k;
@@ -70,13 +71,19 @@ template <> struct Keyed<double> {
   uint64_t key() const { return k; }
   double value() const { return key_to_float<double>(k); }
   uint32_t index() const { return idx; }
+  bool operator<(const Keyed& o) const { return k < o.k || (k == o.k && idx < o.idx); }
 };
 
-// Below this length a comparison sort beats the radix passes, whose bucket counts cost
-// more than the items (measured here: std::sort wins up to ~100 items, radix beyond).
-constexpr int64_t kSmallSort = 96;
+// Below this many items a comparison sort beats the radix passes, whose bucket counts cost
+// more than the items (measured here).
+constexpr int64_t kSmallSort = 24;
 // The widest radix digit, in bits (the digit width adapts to the row, see load_and_sort).
 constexpr int kMaxDigitBits = 11;
+// The radix passes order the items by the top log2(m) + kGroupBits bits of their key range
+// only, about 32 buckets an item; the few items that share those bits are then put in order
+// by an insertion sort (finish_sort). On ReLU rows of 100 to 10k values this halves the passes (2, not 3
+// or 4) and leaves 1-5% of the items in runs longer than one (measured here).
+constexpr int kGroupBits = 5;
 
 // One stable LSD pass: src[0, m) -> dst by the digit ((key - lo) >> shift) & mask. The four
 // quarters of src are read in lockstep, each with its own counts and offsets (laid out
@@ -127,20 +134,82 @@ bool radix_pass(const T* src, T* dst, int64_t m, K lo, int shift, K mask, uint32
   return true;
 }
 
+// Items nearly in order (each a few slots from its place at most): finish with an insertion
+// sort, one compare an item where nothing is out of place. Gives up, returning false with the
+// items still a permutation in which any two items already in order have kept that order,
+// once it has moved more than m / 4 items (a ReLU row moves ~m / 30): an adversarial row, say
+// a narrow band of values and a few huge ones, that the coarse order left in long runs.
+template <typename T, typename LessFn>
+bool finish_sort(T* items, int64_t m, LessFn less) {
+  int64_t budget = m / 4 + 8;
+  for (int64_t i = 1; i < m; ++i) {
+    if (!less(items[i], items[i - 1])) continue;
+    const T v = items[i];
+    int64_t w = i;
+    for (; w > 0 && less(v, items[w - 1]); --w) items[w] = items[w - 1];
+    items[w] = v;
+    budget -= i - w;
+    if (budget < 0) return false;
+  }
+  return true;
+}
+
+// Sort block[0, m), items in position order whose keys lie in [lo, hi], stably by key. `tmp`
+// is scratch of m items.
+//
+// The digits are those of key - lo, over only the top bits of the range: as many as it spans,
+// at most log2(m) + kGroupBits. A block of ReLU features spans ~27 bits; with m = 512 items, 2
+// passes of 7-bit digits order it by the top 14, where 4 passes would order it fully. The
+// items that share their top bits (a few percent) then lie in short runs, which an insertion
+// sort by full key and position puts in order (finish_sort). At most kSmallSort items are
+// comparison-sorted.
+template <typename T, typename K, typename KeyFn, typename LessFn>
+void sort_block(T* block, T* tmp, int64_t m, K lo, K hi, KeyFn key_of, LessFn less) {
+  if (m <= 1 || hi <= lo) return;  // one key: position order is the order
+  if (m <= kSmallSort) {
+    std::sort(block, block + m, less);
+    return;
+  }
+  const K range = hi - lo;
+  int bits = 0;
+  while (bits < int(sizeof(K) * 8) && (range >> bits) != 0) ++bits;
+  int log2m = 0;
+  while ((int64_t(2) << log2m) <= m) ++log2m;
+  // Digits of at most log2(m) bits (no more buckets than items), at least 6 and at most
+  // kMaxDigitBits.
+  const int max_width = std::max(6, std::min(kMaxDigitBits, log2m));
+  uint32_t off[4 << kMaxDigitBits];
+  auto radix = [&](int keep) {  // stably by the top `keep` of the `bits` bits of key - lo
+    const int drop = bits - keep;
+    const int passes = (keep + max_width - 1) / max_width;
+    const int width = (keep + passes - 1) / passes;
+    const K mask = (K(1) << width) - 1;
+    T* src = block;
+    T* dst = tmp;
+    for (int p = 0; p < passes; ++p) {
+      if (radix_pass(src, dst, m, lo, drop + p * width, mask, off, key_of)) std::swap(src, dst);
+    }
+    if (src != block) std::memcpy(block, src, sizeof(T) * m);
+  };
+  const int keep = std::min(bits, log2m + kGroupBits);
+  radix(keep);
+  // Equal keys are in position order after the stable passes, and finish_sort keeps them so
+  // even when it gives up: the full passes that then follow stay stable.
+  if (keep < bits && !finish_sort(block, m, less)) radix(bits);
+}
+
 // Load a row and sort it: out[i] = make(key_at(i), i) for i < n, stably sorted by key (K, an
 // unsigned order-preserving key; kZero is the key of 0.0). `tmp` is scratch of n items, and an
 // item is at least as large as a key.
 //
 // 1. The keys are formed in a loop the compiler vectorises (into tmp), with their count of
 //    negatives and exact zeros and the range [lo, hi] of the non-zero keys.
-// 2. ReLU features are often half exact zeros: only the m non-zero items are radix-sorted.
-//    They are packed at the front of `out` in position order, the zeros at its back (the passes
-//    use only the first m slots of out and tmp), and the zeros go back between the negatives
-//    and the positives at the end.
-// 3. The digits are those of key - lo, over only the bits that the row's range spans, in as
-//    few passes as digits of at most kMaxDigitBits (and about two items a bucket) allow: a
-//    ReLU row of floats spans ~27 bits (3 passes, not 4), and the top digit is spread over
-//    many buckets instead of the few that the sign and exponent bits would fill.
+// 2. Each item is stored once, straight into its sign's region of the sorted layout:
+//    [negatives | zeros | positives], each region in position order. The zeros are then in
+//    place (ReLU features are often half exact zeros).
+// 3. The negatives and the positives are sorted apart (sort_block), each over its own key
+//    range: a row with both signs spans nearly every key bit between them (the exponents of
+//    all the tiny values), one sign alone only the exponents its values have.
 template <typename T, typename K, typename KeyAt, typename MakeFn, typename KeyFn, typename LessFn>
 void load_and_sort(T* out, T* tmp, int64_t n, K kZero, KeyAt key_at, MakeFn make, KeyFn key_of, LessFn less) {
   static_assert(sizeof(T) >= sizeof(K), "an item must have room for its key");
@@ -149,59 +218,53 @@ void load_and_sort(T* out, T* tmp, int64_t n, K kZero, KeyAt key_at, MakeFn make
     std::sort(out, out + n, less);
     return;
   }
-  K* keys = reinterpret_cast<K*>(tmp);
   int64_t z = 0, negatives = 0;
   K lo = ~K(0), hi = 0;
   for (int64_t i = 0; i < n; ++i) {
     const K k = key_at(i);
-    keys[i] = k;
     const K zero = K(0) - K(k == kZero);  // all ones for a zero
     z += k == kZero;
     negatives += k < kZero;
     lo = std::min(lo, K(k | zero));
     hi = std::max(hi, K(k & ~zero));
   }
-  // Branch-free split: both stores happen, only one cursor moves. out[m] <= out[n - 1 - zi]
-  // always (m + zi = i), and the zero slot is written first, so a non-zero item at the last
-  // position lands in out[m].
-  // Keys alone need no zeros kept: they are all kZero.
-  constexpr bool kKeepZeros = !std::is_same<T, K>::value;
-  int64_t m = 0, zi = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const K k = keys[i];
-    const T item = make(k, i);
-    if constexpr (kKeepZeros) out[n - 1 - zi] = item;
-    out[m] = item;
-    m += k != kZero;
-    zi += k == kZero;
-  }
-  if (m > 1 && hi > lo) {
-    const K range = hi - lo;
-    int bits = 0;
-    while (bits < int(sizeof(K) * 8) && (range >> bits) != 0) ++bits;
-    int width = kMaxDigitBits;
-    while (width > 8 && (int64_t(1) << width) > m / 2) --width;
-    const int passes = (bits + width - 1) / width;
-    width = (bits + passes - 1) / passes;
-    const K mask = (K(1) << width) - 1;
-    uint32_t off[4 << kMaxDigitBits];
-    T* src = out;
-    T* dst = tmp;
-    for (int p = 0; p < passes; ++p) {
-      if (radix_pass(src, dst, m, lo, p * width, mask, off, key_of)) std::swap(src, dst);
+  const int64_t positives = n - z - negatives;
+  // One store an item at a slot chosen with masks, not branches (the signs of ReLU features
+  // are random): a negative goes to ni, a zero to negatives + zi, a positive to
+  // negatives + z + pi, where ni, zi, pi count the items of each sign before it. Rows without
+  // negatives (ReLU) take a two-way choice.
+  if (negatives == 0) {
+    int64_t pi = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const K k = key_at(i);
+      const int64_t is_pos = k != kZero;
+      const int64_t mask = -is_pos;
+      out[((z + pi) & mask) | ((i - pi) & ~mask)] = make(k, i);
+      pi += is_pos;
     }
-    if (src != out) std::memcpy(out, src, sizeof(T) * m);
-  }
-  if (z == 0) return;
-  if constexpr (kKeepZeros) {
-    for (int64_t j = 0; j < z; ++j) tmp[j] = out[n - 1 - j];  // the zeros, in position order
-  }
-  std::memmove(out + negatives + z, out + negatives, sizeof(T) * (m - negatives));
-  if constexpr (kKeepZeros) {
-    std::memcpy(out + negatives, tmp, sizeof(T) * z);
   } else {
-    std::fill(out + negatives, out + negatives + z, make(kZero, 0));
+    int64_t ni = 0, pi = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const K k = key_at(i);
+      const int64_t is_neg = -int64_t(k < kZero), is_pos = -int64_t(k > kZero);  // all ones or 0
+      const int64_t zero_slot = negatives + (i - ni - pi);
+      const int64_t slot = (ni & is_neg) | ((negatives + z + pi) & is_pos) | (zero_slot & ~(is_neg | is_pos));
+      out[slot] = make(k, i);
+      ni -= is_neg;
+      pi -= is_pos;
+    }
   }
+  T* const neg = out;
+  T* const pos = out + negatives + z;
+  K hi_neg = hi, lo_pos = lo;  // one sign: its range is the row's
+  if (negatives > 0 && positives > 0) {
+    hi_neg = 0;
+    lo_pos = ~K(0);
+    for (int64_t j = 0; j < negatives; ++j) hi_neg = std::max(hi_neg, key_of(neg[j]));
+    for (int64_t j = 0; j < positives; ++j) lo_pos = std::min(lo_pos, key_of(pos[j]));
+  }
+  sort_block(neg, tmp, negatives, lo, hi_neg, key_of, less);
+  sort_block(pos, tmp, positives, lo_pos, hi, key_of, less);
 }
 
 // Rows loaded with value_at(i) (float or double) and sorted: items (key + position) or keys.
@@ -211,9 +274,7 @@ void load_sort_keyed(Keyed<F>* out, Keyed<F>* tmp, int64_t n, ValueAt value_at) 
   load_and_sort(
       out, tmp, n, K(K(1) << (sizeof(K) * 8 - 1)), [&](int64_t i) { return float_to_key<F>(value_at(i)); },
       [](K k, int64_t i) { return Keyed<F>::from_key(k, uint32_t(i)); }, [](const Keyed<F>& v) { return v.key(); },
-      [](const Keyed<F>& x, const Keyed<F>& y) {
-        return x.key() < y.key() || (x.key() == y.key() && x.index() < y.index());
-      });
+      [](const Keyed<F>& x, const Keyed<F>& y) { return x < y; });
 }
 
 template <typename F, typename ValueAt>
