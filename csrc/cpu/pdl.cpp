@@ -19,14 +19,15 @@
 namespace fastloss {
 namespace {
 
-// Per-thread scratch for one row: pred items (key + position), target items or keys.
+// Per-thread scratch for one row: pred items (key + position), target items or keys. The
+// sorted outputs have the one slack slot that load_and_sort's stores need.
 template <typename acc_t>
 struct RowScratch {
   using K = typename KeyOf<acc_t>::type;
   std::vector<Keyed<acc_t>> pred, target, tmp;
   std::vector<K> tkeys, ktmp;
   RowScratch(int64_t n, bool target_idx)
-      : pred(n), target(target_idx ? n : 0), tmp(n), tkeys(target_idx ? 0 : n), ktmp(target_idx ? 0 : n) {}
+      : pred(n + 1), target(target_idx ? n + 1 : 0), tmp(n), tkeys(target_idx ? 0 : n + 1), ktmp(target_idx ? 0 : n) {}
 };
 
 }  // namespace

@@ -199,11 +199,13 @@ void sort_block(T* block, T* tmp, int64_t m, K lo, K hi, KeyFn key_of, LessFn le
 }
 
 // Load a row and sort it: out[i] = make(key_at(i), i) for i < n, stably sorted by key (K, an
-// unsigned order-preserving key; kZero is the key of 0.0). `tmp` is scratch of n items, and an
-// item is at least as large as a key.
+// unsigned order-preserving key; kZero is the key of 0.0). `out` has room for n + 1 items (one
+// slack slot, used when the items are keys), `tmp` is scratch of n items, and an item is at
+// least as large as a key.
 //
-// 1. The keys are formed in a loop the compiler vectorises (into tmp), with their count of
-//    negatives and exact zeros and the range [lo, hi] of the non-zero keys.
+// 1. A loop the compiler vectorises counts the negatives and the exact zeros and finds the
+//    range [lo, hi] of the non-zero keys (the keys are formed again where they are stored:
+//    cheaper than storing and reloading them).
 // 2. Each item is stored once, straight into its sign's region of the sorted layout:
 //    [negatives | zeros | positives], each region in position order. The zeros are then in
 //    place (ReLU features are often half exact zeros).
@@ -229,20 +231,35 @@ void load_and_sort(T* out, T* tmp, int64_t n, K kZero, KeyAt key_at, MakeFn make
     hi = std::max(hi, K(k & ~zero));
   }
   const int64_t positives = n - z - negatives;
-  // One store an item at a slot chosen with masks, not branches (the signs of ReLU features
-  // are random): a negative goes to ni, a zero to negatives + zi, a positive to
-  // negatives + z + pi, where ni, zi, pi count the items of each sign before it. Rows without
-  // negatives (ReLU) take a two-way choice.
+  constexpr bool kKeepZeros = !std::is_same<T, K>::value;
+  // Each item is stored at a slot chosen without branches (the zeros of ReLU features lie at
+  // random). Rows without negatives (ReLU), items: the zeros to out[zi], the others to
+  // out[z + pi], a mask choosing. Keys: the zero keys are all kZero, filled in; each non-zero
+  // key is stored at its cursor, which moves only past non-zero keys (the zeros' stray stores
+  // are overwritten, the last at out[n], the slack slot).
   if (negatives == 0) {
-    int64_t pi = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const K k = key_at(i);
-      const int64_t is_pos = k != kZero;
-      const int64_t mask = -is_pos;
-      out[((z + pi) & mask) | ((i - pi) & ~mask)] = make(k, i);
-      pi += is_pos;
+    if constexpr (kKeepZeros) {
+      int64_t pi = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const K k = key_at(i);
+        const int64_t is_pos = k != kZero;
+        const int64_t mask = -is_pos;
+        out[((z + pi) & mask) | ((i - pi) & ~mask)] = make(k, i);
+        pi += is_pos;
+      }
+    } else {
+      std::fill(out, out + z, kZero);
+      T* const nonzero = out + z;
+      int64_t pi = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const K k = key_at(i);
+        nonzero[pi] = make(k, i);
+        pi += k != kZero;
+      }
     }
   } else {
+    // Both signs: one store an item at a slot chosen with masks, ni, negatives + zi or
+    // negatives + z + pi, where ni, zi, pi count the items of each sign before it.
     int64_t ni = 0, pi = 0;
     for (int64_t i = 0; i < n; ++i) {
       const K k = key_at(i);
