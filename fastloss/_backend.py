@@ -114,7 +114,8 @@ def status(name):
         mod, why = _ext.load("_C")
         if mod is None:
             return False, why
-        return True, f"fastloss._C ({mod.compiler}{', OpenMP' if mod.openmp else ''})"
+        isa = f", PDL sort kernels: {mod.cpu_isa()}" if hasattr(mod, "cpu_isa") else ""
+        return True, f"fastloss._C ({mod.compiler}{', OpenMP' if mod.openmp else ''}{isa})"
     if name == "triton":
         return _triton_status()
     if name == "cuda":

@@ -1,5 +1,6 @@
 """Parity of every PDL backend with the plain-PyTorch reference, and its contract."""
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -145,7 +146,7 @@ def _range_rows(n, dtype):
     sparse = torch.zeros(n, dtype=f)
     sparse[torch.randperm(n, generator=g)[:min(n, 100)]] = torch.randn(min(n, 100), generator=g, dtype=f)
     few = torch.zeros(n, dtype=f)
-    few[torch.randperm(n, generator=g)[:10]] = torch.randn(10, generator=g, dtype=f)
+    few[torch.randperm(n, generator=g)[:min(n, 10)]] = torch.randn(min(n, 10), generator=g, dtype=f)
     # a narrow band and huge values: the coarse top-bits order leaves the band in one long run
     bimodal = torch.where(torch.rand(n, generator=g) < 0.5, 1e30, 1.0 + 1e-3 * torch.rand(n, generator=g, dtype=f))
     quantized = (torch.randn(n, generator=g, dtype=f) * 4).round().relu() / 4  # many equal non-zero values
@@ -178,6 +179,97 @@ def test_cpu_sort_digits_adapt_to_the_row_range(n, dtype):
     out.backward(torch.full_like(out, -1.3))
     ref.backward(torch.full_like(ref, -1.3))
     torch.testing.assert_close(xs.grad, xr.grad, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def _cpu_isa_rows(n, dtype):
+    """Every kind of row the sort distinguishes, plus plain and ReLU'd Gaussians."""
+    g = torch.Generator().manual_seed(1000 + n)
+    plain = torch.randn(1, 2, n, generator=g, dtype=torch.float64).to(dtype)
+    return torch.cat([_zero_heavy_rows(n, dtype), _range_rows(n, dtype), plain, plain.relu()], dim=1)
+
+
+def _cpu_has_avx2_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return {"avx2", "bmi2", "popcnt"} <= set(flags)
+
+
+@requires_cpu_ext
+def test_cpu_isa_default_is_avx2_where_built_and_supported():
+    """The AVX2 build runs by default on an x86-64 GCC build whose CPU has AVX2, BMI2 and POPCNT;
+    FASTLOSS_CPU_ISA=baseline forces the baseline, and backends() names the one that runs."""
+    C = _ext.load("_C")[0]
+    has = _cpu_has_avx2_flags()
+    built = sys.platform.startswith("linux") and os.uname().machine == "x86_64" and C.compiler.startswith("gcc")
+    if os.environ.get("FASTLOSS_CPU_ISA") != "baseline":
+        expected = "avx2" if built and has else "baseline"
+        assert C.cpu_isa() == expected
+    assert f"PDL sort kernels: {C.cpu_isa()}" in fastloss.backends()["cpu"]["reason"]
+    code = "from fastloss import _ext; print(_ext.load('_C')[0].cpu_isa())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "FASTLOSS_CPU_ISA": "baseline"})
+    assert out.stdout.strip() == "baseline"
+    with pytest.raises(RuntimeError, match="isa must be 'baseline' or 'avx2'"):
+        C.set_cpu_isa("sse9")
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_isa_builds_give_the_same_bits(dtype):
+    """The AVX2 build (vectorised key and zero-split steps) and the baseline build return the
+    same loss, permutations and per-rank factors, bit for bit, on every kind of row: lengths
+    around the 8-wide steps, contiguous and strided rows, p = 1 and 2, with and without the
+    target's gradient."""
+    C = _ext.load("_C")[0]
+    before = C.cpu_isa()
+    try:
+        C.set_cpu_isa("avx2")
+    except RuntimeError:
+        pytest.skip("this build or CPU has no AVX2 kernels")
+    try:
+        for n in (1, 7, 8, 9, 23, 25, 33, 97, 300, 1031):
+            x = _cpu_isa_rows(n, dtype)
+            y = _cpu_isa_rows(n + 3, dtype)[:, :, 2:n + 2].flip(1)
+            for xs, ys in ((x, y), (x.transpose(1, 2).contiguous().transpose(1, 2), y)):  # strided pred rows
+                for p in (1, 2):
+                    for target_grad in (False, True):
+                        got = {}
+                        for isa in ("baseline", "avx2"):
+                            C.set_cpu_isa(isa)
+                            got[isa] = _pdl_forward(xs, ys, p, target_grad, "cpu")
+                        for a, b in zip(got["baseline"], got["avx2"]):
+                            assert a.dtype == b.dtype and a.shape == b.shape
+                            assert torch.equal(a.view(torch.uint8) if a.is_floating_point() else a,
+                                               b.view(torch.uint8) if b.is_floating_point() else b), (n, p, target_grad)
+    finally:
+        C.set_cpu_isa(before)
+
+
+@requires_cpu_ext
+def test_cpu_avx2_code_stays_in_its_own_symbols():
+    """No function of the extension outside the AVX2 build's namespace (and the target_clones
+    variants that an ifunc picks at load) holds AVX (ymm) instructions: the baseline path can
+    never call AVX2 code that the linker merged in."""
+    objdump = shutil.which("objdump")
+    if objdump is None or os.uname().machine != "x86_64":
+        pytest.skip("needs objdump on x86-64")
+    C = _ext.load("_C")[0]
+    out = subprocess.run([objdump, "-d", "--no-show-raw-insn", "-C", C.__file__], capture_output=True, text=True,
+                         check=True).stdout
+    offenders, name = set(), None
+    for line in out.splitlines():
+        if line.endswith(">:") and " <" in line:
+            name = line.split(" <", 1)[1][:-2]
+        elif "%ymm" in line and name is not None:
+            allowed = "fastloss::avx2::" in name or "pdl_rows_avx2" in name or "[clone .arch_x86_64" in name
+            if not allowed:
+                offenders.add(name)
+    assert not offenders, sorted(offenders)[:5]
+    if C.cpu_isa() == "avx2":
+        assert "fastloss::avx2::" in out
 
 
 @requires_cpu_ext

@@ -6,31 +6,63 @@
 //   grad_pred[r, perm[r,i]]     =  g[r] * dW/d(sorted pred)_i
 //   grad_target[r, perm_t[r,i]] = -g[r] * dW/d(sorted pred)_i
 // For p=1 the saved per-rank factor is an int8 sign, for p=2 one float (2d).
+// The rows themselves are cpu/pdl_rows.h, run from its AVX2 build where the CPU has AVX2.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
-#include "cpu/radix_sort.h"
+#include "cpu/pdl_rows.h"
 
 namespace fastloss {
+
+// The instruction set of the sorting kernels: "avx2" where this build has them and the CPU
+// runs them, else "baseline". FASTLOSS_CPU_ISA=baseline in the environment forces the
+// baseline (read once); set_cpu_isa switches for the tests.
 namespace {
-
-// Per-thread scratch for one row: pred items (key + position), target items or keys. The
-// sorted outputs have the one slack slot that load_and_sort's stores need.
-template <typename acc_t>
-struct RowScratch {
-  using K = typename KeyOf<acc_t>::type;
-  std::vector<Keyed<acc_t>> pred, target, tmp;
-  std::vector<K> tkeys, ktmp;
-  RowScratch(int64_t n, bool target_idx)
-      : pred(n + 1), target(target_idx ? n + 1 : 0), tmp(n), tkeys(target_idx ? 0 : n + 1), ktmp(target_idx ? 0 : n) {}
-};
-
+bool cpu_runs_avx2() {
+#if FASTLOSS_HAVE_AVX2_BUILD
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+#else
+  return false;
+#endif
+}
+std::atomic<bool>& use_avx2() {
+  static std::atomic<bool> flag([] {
+    const char* env = std::getenv("FASTLOSS_CPU_ISA");
+    return cpu_runs_avx2() && !(env != nullptr && std::string(env) == "baseline");
+  }());
+  return flag;
+}
 }  // namespace
+
+// float16 / bfloat16 rows: the baseline build. float32 / float64 rows: the AVX2 build if asked.
+template <typename scalar_t, typename acc_t>
+void run_rows(const PdlRows<scalar_t, acc_t>& rows, bool, int64_t begin, int64_t end) {
+  pdl_rows(rows, begin, end);
+}
+template <typename F>
+void run_rows(const PdlRows<F, F>& rows, bool avx2, int64_t begin, int64_t end) {
+#if FASTLOSS_HAVE_AVX2_BUILD
+  if (avx2) return pdl_rows_avx2(rows, begin, end);
+#endif
+  pdl_rows(rows, begin, end);
+}
+
+std::string cpu_isa() { return use_avx2().load() ? "avx2" : "baseline"; }
+
+void set_cpu_isa(const std::string& isa) {
+  TORCH_CHECK(isa == "baseline" || isa == "avx2", "set_cpu_isa: isa must be 'baseline' or 'avx2', got '", isa, "'");
+  TORCH_CHECK(isa == "baseline" || cpu_runs_avx2(), "set_cpu_isa: this build or CPU has no AVX2 kernels");
+  use_avx2().store(isa == "avx2");
+}
 
 // pred, target: [B, C, N], any strides, same dtype. Returns
 //   w      [B, C]    acc dtype (float32, or float64 for float64 input)
@@ -67,77 +99,10 @@ std::vector<at::Tensor> pdl_forward(const at::Tensor& pred, const at::Tensor& ta
     acc_t* d2_ptr = p == 2 ? deriv.data_ptr<acc_t>() : nullptr;
     const int64_t grain = std::max<int64_t>(1, 32768 / N);
 
-    at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
-      RowScratch<acc_t> s(N, target_grad);
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / C, c = r % C;
-        const scalar_t* xr = xp + b * psb + c * psc;
-        const scalar_t* yr = xt + b * tsb + c * tsc;
-        // Strided rows are read in place (channels_last, transposed, sliced inputs: no copy).
-        auto pred_at = [&](int64_t i) { return static_cast<acc_t>(xr[i * psn]); };
-        auto target_at = [&](int64_t i) { return static_cast<acc_t>(yr[i * tsn]); };
-        if (psn == 1) {
-          load_sort_keyed<acc_t>(s.pred.data(), s.tmp.data(), N, [&](int64_t i) { return static_cast<acc_t>(xr[i]); });
-        } else {
-          load_sort_keyed<acc_t>(s.pred.data(), s.tmp.data(), N, pred_at);
-        }
-        if (target_grad) {
-          load_sort_keyed<acc_t>(s.target.data(), s.tmp.data(), N, target_at);
-        } else if (tsn == 1) {
-          load_sort_keys<acc_t>(s.tkeys.data(), s.ktmp.data(), N, [&](int64_t i) { return static_cast<acc_t>(yr[i]); });
-        } else {
-          load_sort_keys<acc_t>(s.tkeys.data(), s.ktmp.data(), N, target_at);
-        }
-        // Rank-order pass: d = sorted pred - sorted target. kLanes partial sums keep the
-        // accumulation vectorisable (a single running sum would serialise on its latency).
-        constexpr int kLanes = 8;
-        double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int32_t* perm_row = perm_ptr + r * N;
-        const Keyed<acc_t>* ps = s.pred.data();
-        auto rank_pass = [&](auto&& target_value, auto&& per_rank) {
-          int64_t i = 0;
-          for (; i + kLanes <= N; i += kLanes) {
-            for (int j = 0; j < kLanes; ++j) {
-              const acc_t d = ps[i + j].value() - target_value(i + j);
-              lanes[j] += per_rank(i + j, d);
-              perm_row[i + j] = static_cast<int32_t>(ps[i + j].index());
-            }
-          }
-          for (; i < N; ++i) {
-            const acc_t d = ps[i].value() - target_value(i);
-            lanes[0] += per_rank(i, d);
-            perm_row[i] = static_cast<int32_t>(ps[i].index());
-          }
-        };
-        auto run = [&](auto&& target_value) {
-          if (p == 1) {
-            int8_t* sign_row = sign_ptr + r * N;
-            rank_pass(target_value, [&](int64_t i, acc_t d) {
-              sign_row[i] = static_cast<int8_t>((d > 0) - (d < 0));
-              return static_cast<double>(std::abs(d));
-            });
-          } else {
-            acc_t* d2_row = d2_ptr + r * N;
-            rank_pass(target_value, [&](int64_t i, acc_t d) {
-              d2_row[i] = acc_t(2) * d;
-              return static_cast<double>(d) * static_cast<double>(d);
-            });
-          }
-        };
-        if (target_grad) {
-          const Keyed<acc_t>* ts = s.target.data();
-          run([&](int64_t i) { return ts[i].value(); });
-          int32_t* pt_row = perm_t_ptr + r * N;
-          for (int64_t i = 0; i < N; ++i) pt_row[i] = static_cast<int32_t>(ts[i].index());
-        } else {
-          const auto* tk = s.tkeys.data();
-          run([&](int64_t i) { return key_to_float<acc_t>(tk[i]); });
-        }
-        double total = 0.0;
-        for (int j = 0; j < kLanes; ++j) total += lanes[j];
-        w_ptr[r] = static_cast<acc_t>(total / static_cast<double>(N));
-      }
-    });
+    const PdlRows<scalar_t, acc_t> rows{xp, xt, C, N, psb, psc, psn, tsb, tsc, tsn, p, target_grad,
+                                        w_ptr, perm_ptr, perm_t_ptr, sign_ptr, d2_ptr};
+    const bool avx2 = use_avx2().load();
+    at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) { run_rows(rows, avx2, begin, end); });
   });
   return {w, perm, perm_t, deriv};
 }
@@ -196,6 +161,8 @@ std::vector<at::Tensor> pdl_backward(const at::Tensor& grad_w, const at::Tensor&
 void register_pdl(pybind11::module& m) {
   m.def("pdl_forward", &pdl_forward, "PDL forward on the CPU", pybind11::arg("pred"), pybind11::arg("target"),
         pybind11::arg("p"), pybind11::arg("target_grad"));
+  m.def("cpu_isa", &cpu_isa, "The instruction set the CPU sorting kernels run: 'avx2' or 'baseline'");
+  m.def("set_cpu_isa", &set_cpu_isa, "Switch the CPU sorting kernels' instruction set (for tests)", pybind11::arg("isa"));
   m.def("pdl_backward", &pdl_backward, "PDL permutation-cached backward on the CPU", pybind11::arg("grad_w"),
         pybind11::arg("perm"), pybind11::arg("perm_t"), pybind11::arg("deriv"), pybind11::arg("need_pred"),
         pybind11::arg("need_target"), pybind11::arg("out_dtype"));

@@ -3,16 +3,15 @@
 // The key of a float is its bit pattern with the sign bit flipped for positives and all bits
 // flipped for negatives, so that unsigned integer order equals float order (NaN, made
 // positive, sorts last; -0.0 is folded into +0.0 so that ties sort like torch.sort).
+//
+// The code is compiled once per CPU instruction set (cpu/isa.h): each translation unit that
+// includes it names its own inline namespace FASTLOSS_CPU_ISA, so the copies never merge.
 #pragma once
 
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <type_traits>
-#include <utility>
+#include "cpu/isa.h"
 
 namespace fastloss {
+inline namespace FASTLOSS_CPU_ISA {
 
 template <typename F> struct KeyOf;
 template <> struct KeyOf<float> { using type = uint32_t; };
@@ -77,6 +76,8 @@ template <> struct Keyed<double> {
 // Below this many items a comparison sort beats the radix passes, whose bucket counts cost
 // more than the items (measured here).
 constexpr int64_t kSmallSort = 24;
+// load_and_sort's output has this many slots past the row, for stray stores.
+constexpr int64_t kSlack = 8;
 // The widest radix digit, in bits (the digit width adapts to the row, see load_and_sort).
 constexpr int kMaxDigitBits = 11;
 // The radix passes order the items by the top log2(m) + kGroupBits bits of their key range
@@ -154,6 +155,171 @@ bool finish_sort(T* items, int64_t m, LessFn less) {
   return true;
 }
 
+#if defined(FASTLOSS_AVX2)
+// AVX2 versions of load_and_sort's first two steps for contiguous float32 rows (compiled only
+// in pdl_avx2.cpp). Eight floats a step; the tail of a row goes through the scalar code.
+namespace simd {
+
+// float_to_key of 8 floats.
+inline __m256i keys8(__m256 v) {
+  const __m256i sign = _mm256_set1_epi32(int32_t(0x80000000u));
+  __m256i bits = _mm256_castps_si256(v);
+  const __m256i magnitude = _mm256_andnot_si256(sign, bits);
+  bits = _mm256_andnot_si256(_mm256_cmpeq_epi32(magnitude, _mm256_setzero_si256()), bits);  // -0.0 -> +0.0
+  const __m256i nan = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(int32_t(FloatBits<float>::kInf)));
+  bits = _mm256_blendv_epi8(bits, _mm256_set1_epi32(int32_t(FloatBits<float>::kQuietNaN)), nan);
+  return _mm256_xor_si256(bits, _mm256_or_si256(_mm256_srai_epi32(bits, 31), sign));
+}
+
+// Left-packing tables: entry `mask` lists, as bytes, the 32-bit lanes to keep in order.
+// kPack32: 8 lanes of 32 bits by an 8-bit mask. kPack64: 4 lanes of 64 bits (lane pairs) by a
+// 4-bit mask.
+struct PackTables {
+  uint64_t pack32[256];
+  uint64_t pack64[16];
+  constexpr PackTables() : pack32(), pack64() {
+    for (int m = 0; m < 256; ++m) {
+      uint64_t v = 0;
+      int k = 0;
+      for (int lane = 0; lane < 8; ++lane) {
+        if (m & (1 << lane)) v |= uint64_t(lane) << (8 * k++);
+      }
+      pack32[m] = v;
+    }
+    for (int m = 0; m < 16; ++m) {
+      uint64_t v = 0;
+      int k = 0;
+      for (int lane = 0; lane < 4; ++lane) {
+        if (m & (1 << lane)) {
+          v |= uint64_t(2 * lane) << (8 * k++);
+          v |= uint64_t(2 * lane + 1) << (8 * k++);
+        }
+      }
+      pack64[m] = v;
+    }
+  }
+};
+inline constexpr PackTables kPack{};
+
+inline __m256i pack_indices(uint64_t bytes) { return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(bytes))); }
+
+// Counts of zero and negative keys and the range [lo, hi] of the non-zero keys of x[0, n).
+inline void stats(const float* x, int64_t n, int64_t& zeros, int64_t& negatives, uint32_t& lo, uint32_t& hi) {
+  const __m256i kzero = _mm256_set1_epi32(int32_t(0x80000000u));
+  __m256i vz = _mm256_setzero_si256(), vpos = _mm256_setzero_si256();
+  __m256i vlo = _mm256_set1_epi32(-1), vhi = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i k = keys8(_mm256_loadu_ps(x + i));
+    const __m256i zero = _mm256_cmpeq_epi32(k, kzero);
+    vz = _mm256_sub_epi32(vz, zero);
+    vpos = _mm256_add_epi32(vpos, _mm256_srli_epi32(k, 31));  // top bit set: zero or positive
+    vlo = _mm256_min_epu32(vlo, _mm256_or_si256(k, zero));
+    vhi = _mm256_max_epu32(vhi, _mm256_andnot_si256(zero, k));
+  }
+  alignas(32) uint32_t a[8], b[8], c[8], d[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(a), vz);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(b), vpos);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(c), vlo);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(d), vhi);
+  int64_t zero_or_pos = 0;
+  zeros = 0;
+  lo = ~0u;
+  hi = 0;
+  for (int j = 0; j < 8; ++j) {
+    zeros += a[j];
+    zero_or_pos += b[j];
+    lo = std::min(lo, c[j]);
+    hi = std::max(hi, d[j]);
+  }
+  for (; i < n; ++i) {
+    const uint32_t k = float_to_key<float>(x[i]);
+    const uint32_t zero = 0u - uint32_t(k == 0x80000000u);
+    zeros += k == 0x80000000u;
+    zero_or_pos += k >> 31;
+    lo = std::min(lo, k | zero);
+    hi = std::max(hi, k & ~zero);
+  }
+  negatives = n - zero_or_pos;
+}
+
+// A row without negatives, as items: the zeros to out[0, z) and the others to out[z, n), each
+// in position order. Each step stores 4 items at a cursor and moves it past the kept ones; the
+// strays past a cursor are overwritten by later stores (the zeros' pass runs first, so its last
+// strays, at out[z, z + 4), fall to the non-zero pass) or land in the slack out[n, n + 4).
+inline void split_items(const float* x, int64_t n, int64_t z, uint64_t* out) {
+  const __m256i kzero = _mm256_set1_epi32(int32_t(0x80000000u));
+  const __m256i step = _mm256_set1_epi64x(8);
+  int64_t i8 = n & ~int64_t(7);
+  if (z > 0) {
+    uint64_t* dst = out;
+    __m256i ia = _mm256_setr_epi64x(0, 1, 2, 3), ib = _mm256_setr_epi64x(4, 5, 6, 7);
+    const __m256i hi = _mm256_set1_epi64x(int64_t(uint64_t(0x80000000u) << 32));
+    for (int64_t i = 0; i < i8; i += 8) {
+      const __m256i mag = _mm256_slli_epi32(_mm256_castps_si256(_mm256_loadu_ps(x + i)), 1);  // drops the sign
+      const int zmask = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, _mm256_setzero_si256())));
+      const int m0 = zmask & 15, m1 = zmask >> 4;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                          _mm256_permutevar8x32_epi32(_mm256_or_si256(ia, hi), pack_indices(kPack.pack64[m0])));
+      dst += _mm_popcnt_u32(m0);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                          _mm256_permutevar8x32_epi32(_mm256_or_si256(ib, hi), pack_indices(kPack.pack64[m1])));
+      dst += _mm_popcnt_u32(m1);
+      ia = _mm256_add_epi64(ia, step);
+      ib = _mm256_add_epi64(ib, step);
+    }
+    for (int64_t i = i8; i < n; ++i) {
+      *dst = (uint64_t(0x80000000u) << 32) | uint64_t(i);
+      dst += float_to_key<float>(x[i]) == 0x80000000u;
+    }
+  }
+  uint64_t* dst = out + z;
+  __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i step32 = _mm256_set1_epi32(8);
+  for (int64_t i = 0; i < i8; i += 8) {
+    const __m256i k = keys8(_mm256_loadu_ps(x + i));
+    const int nz = ~_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(k, kzero))) & 255;
+    const __m256i lo4 = _mm256_unpacklo_epi32(idx, k);  // items 0, 1 | 4, 5 (index low, key high)
+    const __m256i hi4 = _mm256_unpackhi_epi32(idx, k);  // items 2, 3 | 6, 7
+    const __m256i a = _mm256_permute2x128_si256(lo4, hi4, 0x20);  // items 0-3
+    const __m256i b = _mm256_permute2x128_si256(lo4, hi4, 0x31);  // items 4-7
+    const int m0 = nz & 15, m1 = nz >> 4;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permutevar8x32_epi32(a, pack_indices(kPack.pack64[m0])));
+    dst += _mm_popcnt_u32(m0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permutevar8x32_epi32(b, pack_indices(kPack.pack64[m1])));
+    dst += _mm_popcnt_u32(m1);
+    idx = _mm256_add_epi32(idx, step32);
+  }
+  for (int64_t i = i8; i < n; ++i) {
+    const uint32_t k = float_to_key<float>(x[i]);
+    *dst = (uint64_t(k) << 32) | uint64_t(i);
+    dst += k != 0x80000000u;
+  }
+}
+
+// A row without negatives, as keys: the zero keys fill out[0, z), the others follow in
+// position order (strays as in split_items, into the slack out[n, n + 8)).
+inline void split_keys(const float* x, int64_t n, int64_t z, uint32_t* out) {
+  std::fill(out, out + z, 0x80000000u);
+  const __m256i kzero = _mm256_set1_epi32(int32_t(0x80000000u));
+  uint32_t* dst = out + z;
+  const int64_t i8 = n & ~int64_t(7);
+  for (int64_t i = 0; i < i8; i += 8) {
+    const __m256i k = keys8(_mm256_loadu_ps(x + i));
+    const int nz = ~_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(k, kzero))) & 255;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permutevar8x32_epi32(k, pack_indices(kPack.pack32[nz])));
+    dst += _mm_popcnt_u32(nz);
+  }
+  for (int64_t i = i8; i < n; ++i) {
+    const uint32_t k = float_to_key<float>(x[i]);
+    *dst = k;
+    dst += k != 0x80000000u;
+  }
+}
+
+}  // namespace simd
+#endif  // FASTLOSS_AVX2
+
 // Sort block[0, m), items in position order whose keys lie in [lo, hi], stably by key. `tmp`
 // is scratch of m items.
 //
@@ -199,9 +365,9 @@ void sort_block(T* block, T* tmp, int64_t m, K lo, K hi, KeyFn key_of, LessFn le
 }
 
 // Load a row and sort it: out[i] = make(key_at(i), i) for i < n, stably sorted by key (K, an
-// unsigned order-preserving key; kZero is the key of 0.0). `out` has room for n + 1 items (one
-// slack slot, used when the items are keys), `tmp` is scratch of n items, and an item is at
-// least as large as a key.
+// unsigned order-preserving key; kZero is the key of 0.0). `out` has room for n + kSlack items
+// (stray stores land there), `tmp` is scratch of n items, and an item is at least as large as
+// a key. x32, if given, is the row as contiguous float32 (for the AVX2 steps).
 //
 // 1. A loop the compiler vectorises counts the negatives and the exact zeros and finds the
 //    range [lo, hi] of the non-zero keys (the keys are formed again where they are stored:
@@ -213,7 +379,8 @@ void sort_block(T* block, T* tmp, int64_t m, K lo, K hi, KeyFn key_of, LessFn le
 //    range: a row with both signs spans nearly every key bit between them (the exponents of
 //    all the tiny values), one sign alone only the exponents its values have.
 template <typename T, typename K, typename KeyAt, typename MakeFn, typename KeyFn, typename LessFn>
-void load_and_sort(T* out, T* tmp, int64_t n, K kZero, KeyAt key_at, MakeFn make, KeyFn key_of, LessFn less) {
+void load_and_sort(T* out, T* tmp, int64_t n, K kZero, KeyAt key_at, MakeFn make, KeyFn key_of, LessFn less,
+                   const float* x32 = nullptr) {
   static_assert(sizeof(T) >= sizeof(K), "an item must have room for its key");
   if (n <= kSmallSort) {
     for (int64_t i = 0; i < n; ++i) out[i] = make(key_at(i), i);
@@ -222,13 +389,24 @@ void load_and_sort(T* out, T* tmp, int64_t n, K kZero, KeyAt key_at, MakeFn make
   }
   int64_t z = 0, negatives = 0;
   K lo = ~K(0), hi = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const K k = key_at(i);
-    const K zero = K(0) - K(k == kZero);  // all ones for a zero
-    z += k == kZero;
-    negatives += k < kZero;
-    lo = std::min(lo, K(k | zero));
-    hi = std::max(hi, K(k & ~zero));
+  // The AVX2 steps take float32 rows in memory order (x32: key_at(i) is the key of x32[i]).
+  bool simd = false;
+#if defined(FASTLOSS_AVX2)
+  if constexpr (std::is_same<K, uint32_t>::value) simd = x32 != nullptr;
+#endif
+  if (simd) {
+#if defined(FASTLOSS_AVX2)
+    if constexpr (std::is_same<K, uint32_t>::value) simd::stats(x32, n, z, negatives, lo, hi);
+#endif
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const K k = key_at(i);
+      const K zero = K(0) - K(k == kZero);  // all ones for a zero
+      z += k == kZero;
+      negatives += k < kZero;
+      lo = std::min(lo, K(k | zero));
+      hi = std::max(hi, K(k & ~zero));
+    }
   }
   const int64_t positives = n - z - negatives;
   constexpr bool kKeepZeros = !std::is_same<T, K>::value;
@@ -236,8 +414,16 @@ void load_and_sort(T* out, T* tmp, int64_t n, K kZero, KeyAt key_at, MakeFn make
   // random). Rows without negatives (ReLU), items: the zeros to out[zi], the others to
   // out[z + pi], a mask choosing. Keys: the zero keys are all kZero, filled in; each non-zero
   // key is stored at its cursor, which moves only past non-zero keys (the zeros' stray stores
-  // are overwritten, the last at out[n], the slack slot).
-  if (negatives == 0) {
+  // are overwritten, the last at out[n], in the slack).
+  if (negatives == 0 && simd) {
+#if defined(FASTLOSS_AVX2)
+    if constexpr (std::is_same<T, Keyed<float>>::value) {
+      simd::split_items(x32, n, z, reinterpret_cast<uint64_t*>(out));
+    } else if constexpr (std::is_same<T, uint32_t>::value) {
+      simd::split_keys(x32, n, z, out);
+    }
+#endif
+  } else if (negatives == 0) {
     if constexpr (kKeepZeros) {
       int64_t pi = 0;
       for (int64_t i = 0; i < n; ++i) {
@@ -285,21 +471,24 @@ void load_and_sort(T* out, T* tmp, int64_t n, K kZero, KeyAt key_at, MakeFn make
 }
 
 // Rows loaded with value_at(i) (float or double) and sorted: items (key + position) or keys.
+// x32: the same row as contiguous float32, if it is one (lets the AVX2 build vectorise).
 template <typename F, typename ValueAt>
-void load_sort_keyed(Keyed<F>* out, Keyed<F>* tmp, int64_t n, ValueAt value_at) {
+void load_sort_keyed(Keyed<F>* out, Keyed<F>* tmp, int64_t n, ValueAt value_at, const float* x32 = nullptr) {
   using K = typename KeyOf<F>::type;
   load_and_sort(
       out, tmp, n, K(K(1) << (sizeof(K) * 8 - 1)), [&](int64_t i) { return float_to_key<F>(value_at(i)); },
       [](K k, int64_t i) { return Keyed<F>::from_key(k, uint32_t(i)); }, [](const Keyed<F>& v) { return v.key(); },
-      [](const Keyed<F>& x, const Keyed<F>& y) { return x < y; });
+      [](const Keyed<F>& x, const Keyed<F>& y) { return x < y; }, x32);
 }
 
 template <typename F, typename ValueAt>
-void load_sort_keys(typename KeyOf<F>::type* out, typename KeyOf<F>::type* tmp, int64_t n, ValueAt value_at) {
+void load_sort_keys(typename KeyOf<F>::type* out, typename KeyOf<F>::type* tmp, int64_t n, ValueAt value_at,
+                    const float* x32 = nullptr) {
   using K = typename KeyOf<F>::type;
   load_and_sort(
       out, tmp, n, K(K(1) << (sizeof(K) * 8 - 1)), [&](int64_t i) { return float_to_key<F>(value_at(i)); },
-      [](K k, int64_t) { return k; }, [](K k) { return k; }, [](K x, K y) { return x < y; });
+      [](K k, int64_t) { return k; }, [](K k) { return k; }, [](K x, K y) { return x < y; }, x32);
 }
 
+}  // namespace FASTLOSS_CPU_ISA
 }  // namespace fastloss
