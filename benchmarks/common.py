@@ -29,6 +29,7 @@ def machine():
     except ImportError:
         triton_version = "not installed"
     import fastloss
+    from fastloss.bench import cpu_kernels
 
     return {
         "cpu": cpu,
@@ -39,6 +40,7 @@ def machine():
         "python": platform.python_version(),
         "fastloss": fastloss.__version__,
         "backends": {k: v["available"] for k, v in fastloss.backends().items()},
+        "cpu_kernels": cpu_kernels(),
     }
 
 
@@ -171,7 +173,8 @@ def write_section(name, text):
 def machine_lines(info):
     return [f"- CPU: {info['cpu']} ({info['logical_cpus']} logical CPUs, torch threads {info['torch_threads']})",
             f"- torch {info['torch']}, triton {info['triton']}, python {info['python']}, fastloss {info['fastloss']}",
-            f"- backends available: {', '.join(k for k, v in info['backends'].items() if v)}"]
+            f"- backends available: {', '.join(k for k, v in info['backends'].items() if v)}"
+            + (f"; cpu PDL sort kernels: {info['cpu_kernels']}" if info.get("cpu_kernels") else "")]
 
 
 def markdown_table(columns, rows, left=1):

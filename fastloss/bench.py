@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastloss
-from fastloss import _backend
+from fastloss import _backend, _ext
 
 PERCEPTUAL_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
 
@@ -236,6 +236,13 @@ def run_config(name, args, image):
     return result_row(state, args)
 
 
+def cpu_kernels():
+    """The instruction set of the cpu backend's PDL sort kernels ("avx2" or "baseline"), or None
+    without the C++ extension."""
+    mod, _ = _ext.load("_C")
+    return mod.cpu_isa() if mod is not None and hasattr(mod, "cpu_isa") else None
+
+
 def machine_details(args):
     try:
         import triton
@@ -254,7 +261,7 @@ def machine_details(args):
             "fastloss": fastloss.__version__, "device": args.device,
             "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
             "backends": {k: v["available"] for k, v in fastloss.backends().items()},
-            "fast_backend": _fast(args.device)}
+            "fast_backend": _fast(args.device), "cpu_kernels": cpu_kernels()}
 
 
 def add_ratios(rows):
@@ -331,7 +338,8 @@ def markdown_report(result, table, png_path, md_path):
         + (f", GPU: {m['gpu']}" if m.get("gpu") else ""),
         f"- torch {m['torch']}, triton {m['triton']}, python {m['python']}, fastloss {m['fastloss']}",
         f"- device {m['device']}, fast backend `{m['fast_backend']}`; backends available: "
-        + ", ".join(k for k, v in m["backends"].items() if v),
+        + ", ".join(k for k, v in m["backends"].items() if v)
+        + (f"; cpu PDL sort kernels: {m['cpu_kernels']}" if m.get("cpu_kernels") else ""),
         f"- DnCNN width {st['width']}, batch {st['batch_size']}, crop {st['crop']}, sigma {st['sigma']}; "
         f"{st['rounds']} rounds x {st['steps']} timed steps per configuration (+{st['warmup']} warm-up), "
         "configurations interleaved round by round; a row is the median step time over all its steps",

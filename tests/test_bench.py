@@ -32,8 +32,9 @@ def test_cli_end_to_end_writes_json_and_png(tmp_path, capsys):
     assert rows["pdl-fast"]["backend"] == "cpu" and rows["pdl-ref"]["backend"] == "reference"
     assert rows["pdl-fast"]["speedup_vs_reference"] == pytest.approx(
         rows["pdl-fast"]["steps_per_sec"] / rows["pdl-ref"]["steps_per_sec"])
-    for key in ("cpu", "torch_threads", "torch", "triton", "backends", "fast_backend"):
+    for key in ("cpu", "torch_threads", "torch", "triton", "backends", "fast_backend", "cpu_kernels"):
         assert key in data["machine"]
+    assert data["machine"]["cpu_kernels"] in ("avx2", "baseline")
     assert (tmp_path / "steps_per_sec.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -204,14 +204,17 @@ def test_cpu_isa_default_is_avx2_where_built_and_supported():
     C = _ext.load("_C")[0]
     has = _cpu_has_avx2_flags()
     built = sys.platform.startswith("linux") and os.uname().machine == "x86_64" and C.compiler.startswith("gcc")
+    expected = "avx2" if built and has else "baseline"
     if os.environ.get("FASTLOSS_CPU_ISA") != "baseline":
-        expected = "avx2" if built and has else "baseline"
         assert C.cpu_isa() == expected
     assert f"PDL sort kernels: {C.cpu_isa()}" in fastloss.backends()["cpu"]["reason"]
     code = "from fastloss import _ext; print(_ext.load('_C')[0].cpu_isa())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "FASTLOSS_CPU_ISA": "baseline"})
     assert out.stdout.strip() == "baseline"
+    out = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "FASTLOSS_CPU_ISA": "avx512"})
+    assert out.stdout.strip() == expected and "FASTLOSS_CPU_ISA='avx512' is neither" in out.stderr
     with pytest.raises(RuntimeError, match="isa must be 'baseline' or 'avx2'"):
         C.set_cpu_isa("sse9")
 

@@ -24,7 +24,8 @@ namespace fastloss {
 
 // The instruction set of the sorting kernels: "avx2" where this build has them and the CPU
 // runs them, else "baseline". FASTLOSS_CPU_ISA=baseline in the environment forces the
-// baseline (read once); set_cpu_isa switches for the tests.
+// baseline (read once, at the first PDL call; any other value but "avx2" is ignored with a
+// warning); set_cpu_isa switches for the tests.
 namespace {
 bool cpu_runs_avx2() {
 #if FASTLOSS_HAVE_AVX2_BUILD
@@ -37,7 +38,14 @@ bool cpu_runs_avx2() {
 std::atomic<bool>& use_avx2() {
   static std::atomic<bool> flag([] {
     const char* env = std::getenv("FASTLOSS_CPU_ISA");
-    return cpu_runs_avx2() && !(env != nullptr && std::string(env) == "baseline");
+    const std::string want = env != nullptr ? env : "";
+    if (want == "baseline") return false;
+    if (!want.empty() && want != "avx2") {
+      TORCH_WARN("FASTLOSS_CPU_ISA='", want, "' is neither 'baseline' nor 'avx2': ignored");
+    } else if (want == "avx2" && !cpu_runs_avx2()) {
+      TORCH_WARN("FASTLOSS_CPU_ISA=avx2, but this build or CPU has no AVX2 kernels: running the baseline");
+    }
+    return cpu_runs_avx2();
   }());
   return flag;
 }

@@ -41,6 +41,72 @@ struct RowScratch {
         ktmp(target_idx ? 0 : n) {}
 };
 
+#if defined(FASTLOSS_AVX2)
+namespace simd {
+
+// float values of 8 order-preserving keys (key_to_float).
+inline __m256 values8(__m256i k) {
+  const __m256i sign = _mm256_set1_epi32(int32_t(0x80000000u));
+  const __m256i negative = _mm256_cmpeq_epi32(_mm256_srli_epi32(k, 31), _mm256_setzero_si256());
+  return _mm256_castsi256_ps(_mm256_xor_si256(k, _mm256_or_si256(negative, sign)));
+}
+
+// Keys (high halves) and positions (low halves) of 8 float items.
+inline void unpack8(const Keyed<float>* items, __m256i& keys, __m256i& pos) {
+  const __m256 a = _mm256_loadu_ps(reinterpret_cast<const float*>(items));      // items 0-3
+  const __m256 b = _mm256_loadu_ps(reinterpret_cast<const float*>(items + 4));  // items 4-7
+  // shuffle_ps takes lanes within 128-bit halves: k0 k1 k4 k5 | k2 k3 k6 k7; permute4x64 orders them.
+  keys = _mm256_permute4x64_epi64(_mm256_castps_si256(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8);
+  pos = _mm256_permute4x64_epi64(_mm256_castps_si256(_mm256_shuffle_ps(a, b, 0x88)), 0xD8);
+}
+
+// The rank-order pass of pdl_rows over whole blocks of 8 ranks, float32: the same operations
+// in the same order per lane as the scalar loop (bit-identical results). The sorted target is
+// keys (tkeys) or items (titems). Returns the ranks done.
+inline int64_t rank_pass(const Keyed<float>* ps, const uint32_t* tkeys, const Keyed<float>* titems, int64_t n,
+                         int64_t p, int8_t* sign_row, float* d2_row, int32_t* perm_row, double* lanes) {
+  const int64_t n8 = n & ~int64_t(7);
+  __m256d acc0 = _mm256_loadu_pd(lanes), acc1 = _mm256_loadu_pd(lanes + 4);
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  // byte 0 of each 32-bit lane, within each 128-bit half
+  const __m256i first_bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                               0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  for (int64_t i = 0; i < n8; i += 8) {
+    __m256i pk, pi, tk;
+    unpack8(ps + i, pk, pi);
+    if (tkeys != nullptr) {
+      tk = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tkeys + i));
+    } else {
+      __m256i unused;
+      unpack8(titems + i, tk, unused);
+    }
+    const __m256 d = _mm256_sub_ps(values8(pk), values8(tk));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(perm_row + i), pi);
+    if (p == 1) {
+      const __m256i s = _mm256_sub_epi32(_mm256_castps_si256(_mm256_cmp_ps(d, zero, _CMP_LT_OQ)),
+                                         _mm256_castps_si256(_mm256_cmp_ps(d, zero, _CMP_GT_OQ)));
+      const __m256i b = _mm256_shuffle_epi8(s, first_bytes);
+      const __m128i bytes = _mm_unpacklo_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(sign_row + i), bytes);
+      const __m256 ad = _mm256_and_ps(d, magnitude);
+      acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(ad)));
+      acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(ad, 1)));
+    } else {
+      _mm256_storeu_ps(d2_row + i, _mm256_add_ps(d, d));
+      const __m256d d0 = _mm256_cvtps_pd(_mm256_castps256_ps128(d)), d1 = _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1));
+      acc0 = _mm256_add_pd(acc0, _mm256_mul_pd(d0, d0));
+      acc1 = _mm256_add_pd(acc1, _mm256_mul_pd(d1, d1));
+    }
+  }
+  _mm256_storeu_pd(lanes, acc0);
+  _mm256_storeu_pd(lanes + 4, acc1);
+  return n8;
+}
+
+}  // namespace simd
+#endif  // FASTLOSS_AVX2
+
 // Rows [begin, end) of B * C.
 template <typename scalar_t, typename acc_t>
 void pdl_rows(const PdlRows<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
@@ -76,8 +142,16 @@ void pdl_rows(const PdlRows<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
     double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
     int32_t* perm_row = a.perm + r * N;
     const Keyed<acc_t>* ps = s.pred.data();
+    int64_t done = 0;  // ranks done by the AVX2 pass
+#if defined(FASTLOSS_AVX2)
+    if constexpr (std::is_same<acc_t, float>::value) {
+      done = simd::rank_pass(ps, a.target_grad ? nullptr : s.tkeys.data(), a.target_grad ? s.target.data() : nullptr,
+                             N, a.p, a.p == 1 ? a.sign + r * N : nullptr, a.p == 2 ? a.deriv2 + r * N : nullptr,
+                             perm_row, lanes);
+    }
+#endif
     auto rank_pass = [&](auto&& target_value, auto&& per_rank) {
-      int64_t i = 0;
+      int64_t i = done;
       for (; i + kLanes <= N; i += kLanes) {
         for (int j = 0; j < kLanes; ++j) {
           const acc_t d = ps[i + j].value() - target_value(i + j);
