@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import fastloss  # noqa: E402
+from fastloss import _ext  # noqa: E402
 
 try:
     import ot
@@ -35,6 +36,16 @@ def providers(backends=None):
     for b in backends or ["reference", "cpu"]:
         if fastloss.backends()[b]["available"] and b in ("reference", "cpu"):
             out[f"fastloss[{b}]"] = lambda x, y, b=b: fastloss.pdl(x, y, backend=b).backward()
+    ext = _ext.load("_C")[0]
+    if "fastloss[cpu]" in out and ext.cpu_isa() == "avx2":
+        def cpu_baseline(x, y):  # the cpu backend as a CPU without AVX2 runs it
+            ext.set_cpu_isa("baseline")
+            try:
+                fastloss.pdl(x, y, backend="cpu").backward()
+            finally:
+                ext.set_cpu_isa("avx2")
+
+        out["fastloss[cpu, baseline build]"] = cpu_baseline
     def by_hand(x, y):  # what a user would write: torch.sort's default (unstable) sort
         d = torch.sort(x.flatten(2), dim=-1).values - torch.sort(y.flatten(2), dim=-1).values
         d.abs().mean(-1).sum(1).mean().backward()
@@ -95,7 +106,7 @@ def main(argv=None):
         ref_t, ref_m = med["fastloss[reference]"], mem["fastloss[reference]"]
         for k in provs:
             rows.append((shape, k, med[k] * 1e3, ref_t / med[k], mem[k] / 2**20, mem[k] / ref_m))
-            print(f"{'x'.join(map(str, shape)):<14} {k:<22} {med[k]*1e3:9.1f} ms  {ref_t/med[k]:6.2f}x vs reference"
+            print(f"{'x'.join(map(str, shape)):<14} {k:<30} {med[k]*1e3:9.1f} ms  {ref_t/med[k]:6.2f}x vs reference"
                   f"  peak extra {mem[k]/2**20:8.1f} MiB ({mem[k]/ref_m:5.1%} of reference)", flush=True)
 
     cmd = "python benchmarks/bench_pdl.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -110,6 +121,8 @@ def main(argv=None):
               "sides with autograd. `torch.sort by hand` is the same formula with torch.sort's default (unstable) "
               "sort, as a user would write it: the same loss, but on ties its gradient depends on the sort's "
               "order; the fast path's speed-up over it is the ratio of the two rows' speed-ups. "
+              "`fastloss[cpu]` runs the sort build this CPU takes (see `cpu PDL sort kernels` above); "
+              "`baseline build` is the same backend with `FASTLOSS_CPU_ISA=baseline`, as on a CPU without AVX2. "
               "Inputs are ReLU'd Gaussians (many ties at 0)."]
     if not args.no_write:
         common.write_section("pdl", "\n".join(lines))

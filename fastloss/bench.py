@@ -422,11 +422,12 @@ def _non_negative_int(text):
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="fastloss-bench", description=__doc__.split("\n\n")[0],
                                  epilog="configurations: " + ", ".join(CONFIGS))
-    ap.add_argument("--steps", type=_positive_int, default=10, help="timed training steps per configuration (default 10)")
+    ap.add_argument("--steps", type=_positive_int, default=3,
+                    help="timed training steps per configuration and round (default 3)")
     ap.add_argument("--warmup", type=_non_negative_int, default=2, help="untimed steps first (default 2)")
-    ap.add_argument("--rounds", type=_positive_int, default=3,
+    ap.add_argument("--rounds", type=_positive_int, default=10,
                     help="rounds that run every configuration in turn, --steps timed steps each; "
-                         "a row is the median over all its steps (default 3)")
+                         "a row is the median over all its steps (default 10)")
     ap.add_argument("--batch-size", type=_positive_int, default=4, help="default 4")
     ap.add_argument("--crop", type=_positive_int, default=96, help="crop size in pixels (default 96)")
     ap.add_argument("--width", type=_positive_int, default=32, help="denoiser channels (default 32)")
