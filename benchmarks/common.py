@@ -29,7 +29,7 @@ def machine():
     except ImportError:
         triton_version = "not installed"
     import fastloss
-    from fastloss.bench import cpu_kernels
+    from fastloss._backend import cpu_kernels
 
     return {
         "cpu": cpu,

@@ -106,6 +106,13 @@ def _triton_status():
     return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
 
 
+def cpu_kernels():
+    """The instruction set the cpu backend's PDL sort kernels run ("avx2" or "baseline"), or None
+    without the C++ extension (or with one built before the choice existed)."""
+    mod, _ = _ext.load("_C")
+    return mod.cpu_isa() if mod is not None and hasattr(mod, "cpu_isa") else None
+
+
 def status(name):
     """``(available, reason)`` of one backend on this machine, whatever the input."""
     if name == "reference":
@@ -114,7 +121,7 @@ def status(name):
         mod, why = _ext.load("_C")
         if mod is None:
             return False, why
-        isa = f", PDL sort kernels: {mod.cpu_isa()}" if hasattr(mod, "cpu_isa") else ""
+        isa = f", PDL sort kernels: {cpu_kernels()}" if cpu_kernels() else ""
         return True, f"fastloss._C ({mod.compiler}{', OpenMP' if mod.openmp else ''}{isa})"
     if name == "triton":
         return _triton_status()

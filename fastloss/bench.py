@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastloss
-from fastloss import _backend, _ext
+from fastloss import _backend
 
 PERCEPTUAL_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
 
@@ -236,13 +236,6 @@ def run_config(name, args, image):
     return result_row(state, args)
 
 
-def cpu_kernels():
-    """The instruction set of the cpu backend's PDL sort kernels ("avx2" or "baseline"), or None
-    without the C++ extension."""
-    mod, _ = _ext.load("_C")
-    return mod.cpu_isa() if mod is not None and hasattr(mod, "cpu_isa") else None
-
-
 def machine_details(args):
     try:
         import triton
@@ -261,7 +254,7 @@ def machine_details(args):
             "fastloss": fastloss.__version__, "device": args.device,
             "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
             "backends": {k: v["available"] for k, v in fastloss.backends().items()},
-            "fast_backend": _fast(args.device), "cpu_kernels": cpu_kernels()}
+            "fast_backend": _fast(args.device), "cpu_kernels": _backend.cpu_kernels()}
 
 
 def add_ratios(rows):

@@ -39,3 +39,9 @@ def test_rounds_must_be_positive(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(TINY + ["--rounds", "0"])
     assert e.value.code == 2 and "--rounds" in capsys.readouterr().err
+
+
+def test_default_rounds_alternate_configurations_every_few_steps():
+    """The README's defaults: 10 rounds of 3 timed steps (after 2 warm-up steps)."""
+    args = bench.parse_args([])
+    assert (args.rounds, args.steps, args.warmup) == (10, 3, 2)

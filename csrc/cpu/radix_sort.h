@@ -73,7 +73,7 @@ template <> struct Keyed<double> {
   bool operator<(const Keyed& o) const { return k < o.k || (k == o.k && idx < o.idx); }
 };
 
-// Below this many items a comparison sort beats the radix passes, whose bucket counts cost
+// Up to this many items a comparison sort beats the radix passes, whose bucket counts cost
 // more than the items (measured here).
 constexpr int64_t kSmallSort = 24;
 // load_and_sort's output has this many slots past the row, for stray stores.
@@ -82,8 +82,8 @@ constexpr int64_t kSlack = 8;
 constexpr int kMaxDigitBits = 11;
 // The radix passes order the items by the top log2(m) + kGroupBits bits of their key range
 // only, about 32 buckets an item; the few items that share those bits are then put in order
-// by an insertion sort (finish_sort). On ReLU rows of 100 to 10k values this halves the passes (2, not 3
-// or 4) and leaves 1-5% of the items in runs longer than one (measured here).
+// by an insertion sort (finish_sort). On ReLU rows of 100 to 10k values this halves the
+// passes (2, not 3 or 4) and leaves 1-5% of the items in runs longer than one (measured here).
 constexpr int kGroupBits = 5;
 
 // One stable LSD pass: src[0, m) -> dst by the digit ((key - lo) >> shift) & mask. The four
@@ -160,6 +160,8 @@ bool finish_sort(T* items, int64_t m, LessFn less) {
 // in pdl_avx2.cpp). Eight floats a step; the tail of a row goes through the scalar code.
 namespace simd {
 
+constexpr uint32_t kZeroKey = 0x80000000u;  // float_to_key(0.0f)
+
 // float_to_key of 8 floats.
 inline __m256i keys8(__m256 v) {
   const __m256i sign = _mm256_set1_epi32(int32_t(0x80000000u));
@@ -172,7 +174,7 @@ inline __m256i keys8(__m256 v) {
 }
 
 // Left-packing tables: entry `mask` lists, as bytes, the 32-bit lanes to keep in order.
-// kPack32: 8 lanes of 32 bits by an 8-bit mask. kPack64: 4 lanes of 64 bits (lane pairs) by a
+// pack32: 8 lanes of 32 bits by an 8-bit mask. pack64: 4 lanes of 64 bits (lane pairs) by a
 // 4-bit mask.
 struct PackTables {
   uint64_t pack32[256];
@@ -205,7 +207,7 @@ inline __m256i pack_indices(uint64_t bytes) { return _mm256_cvtepu8_epi32(_mm_cv
 
 // Counts of zero and negative keys and the range [lo, hi] of the non-zero keys of x[0, n).
 inline void stats(const float* x, int64_t n, int64_t& zeros, int64_t& negatives, uint32_t& lo, uint32_t& hi) {
-  const __m256i kzero = _mm256_set1_epi32(int32_t(0x80000000u));
+  const __m256i kzero = _mm256_set1_epi32(int32_t(kZeroKey));
   __m256i vz = _mm256_setzero_si256(), vpos = _mm256_setzero_si256();
   __m256i vlo = _mm256_set1_epi32(-1), vhi = _mm256_setzero_si256();
   int64_t i = 0;
@@ -234,8 +236,8 @@ inline void stats(const float* x, int64_t n, int64_t& zeros, int64_t& negatives,
   }
   for (; i < n; ++i) {
     const uint32_t k = float_to_key<float>(x[i]);
-    const uint32_t zero = 0u - uint32_t(k == 0x80000000u);
-    zeros += k == 0x80000000u;
+    const uint32_t zero = 0u - uint32_t(k == kZeroKey);
+    zeros += k == kZeroKey;
     zero_or_pos += k >> 31;
     lo = std::min(lo, k | zero);
     hi = std::max(hi, k & ~zero);
@@ -248,13 +250,13 @@ inline void stats(const float* x, int64_t n, int64_t& zeros, int64_t& negatives,
 // strays past a cursor are overwritten by later stores (the zeros' pass runs first, so its last
 // strays, at out[z, z + 4), fall to the non-zero pass) or land in the slack out[n, n + 4).
 inline void split_items(const float* x, int64_t n, int64_t z, uint64_t* out) {
-  const __m256i kzero = _mm256_set1_epi32(int32_t(0x80000000u));
+  const __m256i kzero = _mm256_set1_epi32(int32_t(kZeroKey));
   const __m256i step = _mm256_set1_epi64x(8);
   int64_t i8 = n & ~int64_t(7);
   if (z > 0) {
     uint64_t* dst = out;
     __m256i ia = _mm256_setr_epi64x(0, 1, 2, 3), ib = _mm256_setr_epi64x(4, 5, 6, 7);
-    const __m256i hi = _mm256_set1_epi64x(int64_t(uint64_t(0x80000000u) << 32));
+    const __m256i hi = _mm256_set1_epi64x(int64_t(uint64_t(kZeroKey) << 32));
     for (int64_t i = 0; i < i8; i += 8) {
       const __m256i mag = _mm256_slli_epi32(_mm256_castps_si256(_mm256_loadu_ps(x + i)), 1);  // drops the sign
       const int zmask = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, _mm256_setzero_si256())));
@@ -269,8 +271,8 @@ inline void split_items(const float* x, int64_t n, int64_t z, uint64_t* out) {
       ib = _mm256_add_epi64(ib, step);
     }
     for (int64_t i = i8; i < n; ++i) {
-      *dst = (uint64_t(0x80000000u) << 32) | uint64_t(i);
-      dst += float_to_key<float>(x[i]) == 0x80000000u;
+      *dst = (uint64_t(kZeroKey) << 32) | uint64_t(i);
+      dst += float_to_key<float>(x[i]) == kZeroKey;
     }
   }
   uint64_t* dst = out + z;
@@ -293,15 +295,15 @@ inline void split_items(const float* x, int64_t n, int64_t z, uint64_t* out) {
   for (int64_t i = i8; i < n; ++i) {
     const uint32_t k = float_to_key<float>(x[i]);
     *dst = (uint64_t(k) << 32) | uint64_t(i);
-    dst += k != 0x80000000u;
+    dst += k != kZeroKey;
   }
 }
 
 // A row without negatives, as keys: the zero keys fill out[0, z), the others follow in
 // position order (strays as in split_items, into the slack out[n, n + 8)).
 inline void split_keys(const float* x, int64_t n, int64_t z, uint32_t* out) {
-  std::fill(out, out + z, 0x80000000u);
-  const __m256i kzero = _mm256_set1_epi32(int32_t(0x80000000u));
+  std::fill(out, out + z, kZeroKey);
+  const __m256i kzero = _mm256_set1_epi32(int32_t(kZeroKey));
   uint32_t* dst = out + z;
   const int64_t i8 = n & ~int64_t(7);
   for (int64_t i = 0; i < i8; i += 8) {
@@ -313,7 +315,7 @@ inline void split_keys(const float* x, int64_t n, int64_t z, uint32_t* out) {
   for (int64_t i = i8; i < n; ++i) {
     const uint32_t k = float_to_key<float>(x[i]);
     *dst = k;
-    dst += k != 0x80000000u;
+    dst += k != kZeroKey;
   }
 }
 
