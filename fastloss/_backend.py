@@ -54,11 +54,27 @@ def use_backend(name):
         _scope.reset(token)
 
 
+_cudnn_saved = []
+
+
 def use_deterministic(flag=True):
     """Ask every op for bitwise-reproducible results (``torch.use_deterministic_algorithms(True)``
     asks the same). On the CPU every fastloss backend is deterministic anyway; on the GPU an op
-    whose fast path would reduce with atomics takes a fixed-order path instead, or refuses."""
-    _deterministic[0] = bool(flag)
+    whose fast path would reduce with atomics takes a fixed-order path instead, or refuses.
+
+    It also sets cuDNN's deterministic mode (``torch.backends.cudnn.deterministic = True``,
+    ``benchmark = False``): the convolutions of MDF and of the VGG extractors, forward and
+    backward, run through cuDNN, whose fastest algorithms are not all deterministic. The global
+    flags are set because the backward runs outside any fastloss call; ``use_deterministic(False)``
+    restores the values they had before."""
+    flag = bool(flag)
+    if flag and not _deterministic[0]:
+        _cudnn_saved[:] = [torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark]
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    elif not flag and _deterministic[0] and _cudnn_saved:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = _cudnn_saved
+        _cudnn_saved.clear()
+    _deterministic[0] = flag
 
 
 def deterministic():
@@ -90,6 +106,11 @@ def triton_launch_guard():
     return _interpreter_lock if _triton_interpret() else contextlib.nullcontext()
 
 
+# Triton 3.x compiles for NVIDIA GPUs of compute capability 7.5 (Turing) and newer; on older ones
+# it fails at compile time instead of running, so auto must not pick it there.
+TRITON_MIN_CAPABILITY = (7, 5)
+
+
 def _triton_interpret():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -99,8 +120,13 @@ def _triton_status():
         import triton  # noqa: F401
     except ImportError as e:
         return False, f"triton is not installed ({e})"
-    if torch.cuda.is_available():
-        return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+    if torch.cuda.is_available() and not _triton_interpret():
+        cap = torch.cuda.get_device_capability()
+        name = torch.cuda.get_device_name()
+        if cap < TRITON_MIN_CAPABILITY:
+            return False, (f"{name} has compute capability {cap[0]}.{cap[1]}; fastloss's Triton kernels need "
+                           f"{TRITON_MIN_CAPABILITY[0]}.{TRITON_MIN_CAPABILITY[1]} or newer (auto uses cuda or reference)")
+        return True, f"triton {triton.__version__} on {name} (sm_{cap[0]}{cap[1]})"
     if _triton_interpret():
         return True, f"triton {triton.__version__}, CPU tensors under TRITON_INTERPRET=1"
     return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
@@ -183,8 +209,11 @@ def resolve(op, backend, device, dtype, dtypes=None):
         if reason is None:
             if reasons:
                 detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
-                if os.environ.get("FASTLOSS_REQUIRE_EXT", "0") == "1" and not status("cpu")[0]:
-                    raise BackendError(f"{op}: FASTLOSS_REQUIRE_EXT=1 but the fast path cannot run ({detail})")
+                if candidate == "reference" and os.environ.get("FASTLOSS_REQUIRE_EXT", "0") == "1":
+                    fast = [b for b in AUTO_ORDER.get(device.type, ()) if b != "reference"]
+                    if not any(status(b)[0] for b in fast):
+                        raise BackendError(f"{op}: FASTLOSS_REQUIRE_EXT=1 but no fast backend for {device.type} "
+                                           f"tensors is available ({detail})")
                 _warn_once((op, device.type, tuple(reasons.items())),
                            f"{op}: falling back to backend {candidate!r} ({detail})")
             return candidate

@@ -268,11 +268,16 @@ def _pdl_case(n, p, target_grad, dtype, layout="contiguous", kind="plain", seed=
             w, perm, perm_t, _ = torch.ops.fastloss.pdl_forward(x.flatten(2), y.flatten(2), p, target_grad, backend)
             chk.close("w", w, w_t, acc_tol)
             srt = torch.arange(n, device=perm.device, dtype=perm.dtype).expand(b, c, n)
-            chk.true("perm is a permutation", torch.equal(perm.sort(-1).values, srt))
+            valid = torch.equal(perm.sort(-1).values, srt)
+            chk.true("perm is a permutation", valid)
             chk.equal("perm", perm.long(), ox)
             if target_grad:
-                chk.true("perm_t is a permutation", torch.equal(perm_t.sort(-1).values, srt))
+                valid_t = torch.equal(perm_t.sort(-1).values, srt)
+                chk.true("perm_t is a permutation", valid_t)
                 chk.equal("perm_t", perm_t.long(), oy)
+                valid = valid and valid_t
+            if not valid:  # the backward would scatter through it out of bounds
+                return
             poison(device)
             xr = x.detach().requires_grad_()
             yr = y.detach().requires_grad_(target_grad)

@@ -1,10 +1,15 @@
 import os
 
-# Triton kernels run on CPU tensors under the interpreter; it must be set before triton loads.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402  (does not import triton)
+
+# Without a GPU, the Triton kernels run on CPU tensors under the interpreter (it must be set
+# before triton loads). With one, TRITON_INTERPRET is left as the caller set it: unset, pytest
+# runs in GPU mode (the `gpu`-marked tests on real kernels; the interpreter tests are skipped).
+GPU_MODE = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import fastloss  # noqa: E402
 from fastloss import _backend  # noqa: E402
@@ -16,6 +21,18 @@ def pytest_sessionstart(session):
         ok, reason = _backend.status("cpu")
         if not ok:
             pytest.exit(f"FASTLOSS_REQUIRE_EXT=1 but the CPU extension is missing: {reason}", returncode=3)
+
+
+def pytest_collection_modifyitems(config, items):
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device (GPU tests; run them with scripts/gpu-check.sh)")
+    interp = pytest.mark.skip(reason="runs Triton on CPU tensors under the interpreter; in GPU mode "
+                              "(CUDA present, TRITON_INTERPRET unset) the gpu-marked tests run the real kernels")
+    for item in items:
+        if "gpu" in item.keywords:
+            if not torch.cuda.is_available():
+                item.add_marker(no_gpu)
+        elif GPU_MODE and "triton" in item.nodeid.lower() and not getattr(item.module, "DEVICE_AWARE", False):
+            item.add_marker(interp)
 
 
 @pytest.fixture(autouse=True)

@@ -1,10 +1,8 @@
 """D2SM's Triton kernels, run on CPU tensors under TRITON_INTERPRET=1 at tiny sizes (the
 interpreter is slow), against autograd of the plain-PyTorch formula."""
-import os
 
-# Before anything imports triton: kernels are interpreted on CPU tensors unless the caller chose
-# otherwise (a conftest may set it too). On a GPU machine run with TRITON_INTERPRET=0.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# tests/conftest.py sets TRITON_INTERPRET=1 before triton loads when there is no GPU (the kernels
+# then run on CPU tensors); on a GPU machine it is left unset and these tests run on CUDA tensors.
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -21,6 +19,8 @@ elif torch.cuda.is_available():
     DEVICE = "cuda"
 else:
     pytest.skip("triton kernels are compiled (TRITON_INTERPRET unset before import) and no GPU", allow_module_level=True)
+
+DEVICE_AWARE = True  # runs on CUDA tensors in GPU mode (tests/conftest.py)
 
 MODES = ("paper", "pkt")
 

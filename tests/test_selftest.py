@@ -1,26 +1,246 @@
-"""The CPU part of `python -m fastloss.selftest`, and proof that it can fail."""
+"""`python -m fastloss.selftest`, the GPU acceptance run: its own logic checked on the CPU (exit
+codes, the case list, the float64 error arithmetic, the ground truth), and proof that it fails
+when a fast op returns wrong values or leaves its outputs unwritten."""
 import importlib
 import io
+import json
+import math
+import os
+import subprocess
+import sys
 
 import pytest
+import torch
 
-from fastloss import selftest
+import fastloss
+from fastloss import _backend, selftest
 
 from conftest import requires_cpu_ext
 
 pdl_module = importlib.import_module("fastloss.pdl")  # the module, not the function fastloss.pdl
+d2sm_module = importlib.import_module("fastloss.d2sm")
+
+HAVE_TRITON = _backend.status("triton")[0]
 
 
-@requires_cpu_ext
-def test_selftest_cpu_quick_passes():
+def _quick(backends, **kw):
     buf = io.StringIO()
-    assert selftest.run("cpu", quick=True, backends=["cpu"], reps=1, out=buf) == 0
-    text = buf.getvalue()
-    assert "PASS" in text and "FAIL" not in text and "all passed" in text
+    code, results = selftest.run("cpu", backends=backends, out=buf, **kw)
+    return code, results, buf.getvalue()
+
+
+# --------------------------------------------------------------------------- exit codes
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
+def test_nothing_tested_exits_2_in_a_fresh_process():
+    """The command of the issue, on a CPU machine without the interpreter: triton and cuda cannot run."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    p = subprocess.run([sys.executable, "-m", "fastloss.selftest", "--backends", "triton", "cuda"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "nothing was tested" in p.stdout
+    assert "all passed" not in p.stdout
+
+
+def test_no_usable_backend_is_not_a_pass(monkeypatch):
+    monkeypatch.setattr(_backend, "why_not", lambda *a, **k: "not built here")
+    code, results, text = _quick(None)
+    assert code == selftest.EXIT_NOT_RUN and results == []
+    assert "nothing was tested" in text and "all passed" not in text
+    code, _, text = _quick(["cpu"])
+    assert code == selftest.EXIT_NOT_RUN and "CANNOT RUN cpu" in text
+
+
+def _result(status):
+    return selftest.Result("c", "pdl", "cpu", "cpu", "float32", status, {}, {}, None, 0.0)
+
+
+@pytest.mark.parametrize("statuses, unusable, code", [
+    (["pass", "pass"], False, 0),
+    (["pass", "fail"], False, 1),
+    (["pass", "error"], False, 1),
+    (["fail", "not run"], True, 1),          # a mismatch outranks what did not run
+    (["pass", "not run"], False, 2),
+    (["pass"], True, 2),                     # a requested backend could not run
+    (["n/a"], False, 2),                     # nothing at all ran
+    ([], False, 2),
+    (["pass", "n/a"], False, 0),             # a case that does not apply is not a failure (nor a pass)
+])
+def test_exit_code_rules(statuses, unusable, code):
+    assert selftest.exit_code([_result(s) for s in statuses], unusable) == code
+
+
+def test_a_case_that_compares_nothing_is_an_error():
+    empty = selftest.Case("compares nothing", "pdl", torch.float32, lambda backend, device, chk: None)
+    r = selftest._run_one(empty, "reference", "cpu")
+    assert r.status == "error"
+
+
+# --------------------------------------------------------------------------- the case list
+def test_full_case_list_covers_every_regime():
+    names = [c.label for c in selftest.cases(full=True)]
+    joined = "\n".join(names)
+    for n in selftest.PDL_N_FULL:
+        for p in (1, 2):
+            for tg in (0, 1):
+                for dt in ("float32", "float64", "float16", "bfloat16"):
+                    assert f"pdl N={n} p={p} target_grad={tg} [{dt}]" in names
+    for word in ("channels_last", "transposed", "zeros", "nan"):
+        assert f" {word} [" in joined
+    for q in selftest.D2SM_Q_FULL:
+        for mode in ("paper", "pkt"):
+            assert f"d2sm_kl {mode} q={q} D=96 [float32]" in names
+    assert any(n.startswith("D2SMQueue paper") for n in names) and any(n.startswith("D2SMQueue pkt") for n in names)
+    for dt in ("float32", "float64", "float16", "bfloat16"):
+        assert f"mdf (4, 3, 128, 128) grouped [{dt}]" in names
+        assert f"mdf (2, 3, 40, 37) grouped channels_last target_grad [{dt}]" in names
+    for loss in ("pdl", "d2sm", "mdf"):
+        for what in ("determinism", "torch.compile(fullgraph=True)", "side stream", "cuda:1",
+                     "set_sync_debug_mode('error')", "CUDA-graph capture and replay"):
+            assert any(n.startswith(loss) and what in n for n in names), (loss, what)
+    assert len(names) == len(set(names))
+
+
+def test_quick_list_has_every_loss_and_the_triton_regimes():
+    names = [c.label for c in selftest.cases(full=False)]
+    assert {c.loss for c in selftest.cases(full=False)} == {"pdl", "d2sm", "mdf"}
+    assert any("sort fallback" in n for n in names) and any("blocks of 16" in n for n in names)
+
+
+def test_shards_partition_the_cases():
+    all_cases = selftest.cases(full=True)
+    shards = [selftest.select(all_cases, (k, 5)) for k in range(1, 6)]
+    labels = [c.label for s in shards for c in s]
+    assert sorted(labels) == sorted(c.label for c in all_cases)
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_list_and_bad_shard(capsys):
+    assert selftest.main(["--list", "--losses", "mdf"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out and all(line.startswith("mdf") for line in out)
+    with pytest.raises(SystemExit) as e:
+        selftest.main(["--shard", "3/2"])
+    assert e.value.code != 0
+    with pytest.raises(SystemExit) as e:
+        selftest.main(["--dtypes", "int8"])
+    assert e.value.code != 0
+
+
+# --------------------------------------------------------------------------- float64 arithmetic
+def test_errors_are_float64():
+    truth = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    got = truth * (1 + 1e-12)
+    err = selftest.rel_error(got, truth)
+    assert 0.5e-12 < err < 2e-12  # a float32 cast would make it 0
+    assert selftest.rel_error(got.float(), truth) < 1e-7
+
+
+def test_error_of_non_finite_entries():
+    nan, inf = float("nan"), float("inf")
+    t = torch.tensor([1.0, nan, inf, -inf], dtype=torch.float64)
+    assert selftest.rel_error(t.clone(), t) == 0.0
+    assert selftest.rel_error(torch.tensor([1.0, 0.0, inf, -inf]), t) == math.inf     # NaN lost
+    assert selftest.rel_error(torch.tensor([1.0, nan, -inf, -inf]), t) == math.inf    # wrong infinity
+    assert selftest.rel_error(torch.tensor([nan, nan, inf, -inf]), t) == math.inf     # NaN where finite
+    assert selftest.rel_error(torch.zeros(3), torch.zeros(3, dtype=torch.float64)) == 0.0
+    assert selftest.rel_error(torch.tensor([0.0, 1e-30, 0.0]), torch.zeros(3, dtype=torch.float64)) == math.inf
+    assert selftest.rel_error(torch.ones(2), torch.ones(3, dtype=torch.float64)) == math.inf
+
+
+def test_norm_metric():
+    truth = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    assert selftest.rel_error(truth + torch.tensor([0.0, 0.5]), truth, "norm") == pytest.approx(0.1)
+    assert selftest.rel_error(truth + torch.tensor([0.0, 0.5]), truth, "max") == pytest.approx(0.125)
+
+
+# --------------------------------------------------------------------------- ground truth
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("kind", ["plain", "zeros"])
+def test_pdl_truth_equals_the_reference(p, kind):
+    x, y = selftest.pdl_inputs(2, 3, 37, torch.float64, "contiguous", kind, seed=p)
+    g = torch.tensor([0.5, 1.5], dtype=torch.float64)
+    loss, w, ox, oy, gx, gy = selftest.pdl_truth(x, y, p, g)
+    xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+    ref = fastloss.pdl_reference(xr, yr, p=p, reduction="none")
+    ref.backward(g)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gx, xr.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gy, yr.grad, rtol=1e-12, atol=1e-14)
+    assert torch.equal(ox, torch.sort(x, dim=-1, stable=True).indices)
+
+
+def test_pdl_truth_orders_nan_of_both_signs_last_and_zeros_stably():
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        neg = selftest._neg_nan(dtype)
+        assert torch.isnan(neg).all()
+    x = torch.tensor([[[2.0, float("nan"), -0.0, 0.0, -1.0, 0.0]]], dtype=torch.float64)
+    x[0, 0, 4] = selftest._neg_nan(torch.float64)[0]
+    _, _, ox, _, _, _ = selftest.pdl_truth(x, x, 1, torch.ones(1))
+    assert ox[0, 0].tolist() == [2, 3, 5, 0, 1, 4]  # zeros in input order, NaNs last in input order
+
+
+def test_inputs_keep_their_layout():
+    x, _ = selftest.pdl_inputs(2, 3, 35, torch.float32, "channels_last", "plain", 0)
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    x, _ = selftest.pdl_inputs(2, 3, 35, torch.float32, "transposed", "plain", 0)
+    assert x.stride() == (35, 70, 1)
+    assert selftest._to(x, "cpu").stride() == x.stride()
+    x, _ = selftest.pdl_inputs(2, 3, 35, torch.float32, "contiguous", "nan", 0)
+    assert torch.isnan(x).sum() == 4 and (x.view(torch.int32)[torch.isnan(x)] < 0).sum() == 2
+
+
+def test_tf32_is_off_inside_and_restored():
+    seen = []
+
+    def probe(backend, device, chk):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        chk.true("ran", True)
+
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        monkey = [selftest.Case("probe", "pdl", torch.float32, probe)]
+        code, _, _ = _quick(["cpu"], case_list=monkey) if _backend.status("cpu")[0] else (0, None, None)
+        if _backend.status("cpu")[0]:
+            assert code == 0 and seen == [(False, False)]
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+# --------------------------------------------------------------------------- it passes, and it can fail
+@requires_cpu_ext
+def test_cpu_quick_passes(tmp_path):
+    out = tmp_path / "r.json"
+    buf = io.StringIO()
+    code, results = selftest.run("cpu", backends=["cpu"], out=buf)
+    assert code == 0, buf.getvalue()
+    assert {r.loss for r in results if r.status == "pass"} == {"pdl", "d2sm", "mdf"}
+    assert "FAIL" not in buf.getvalue() and "all passed" in buf.getvalue()
+    assert selftest.main(["--device", "cpu", "--backends", "cpu", "--losses", "d2sm", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["exit_code"] == 0 and data["results"]
+    for r in data["results"]:
+        assert {"name", "backend", "dtype", "errors", "max_error", "tolerance", "pass", "seconds"} <= set(r)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton unavailable (needs TRITON_INTERPRET=1 on CPU)")
+def test_triton_quick_passes_under_the_interpreter():
+    """`--backends triton --quick` under TRITON_INTERPRET=1: a third of the cases, every loss."""
+    quick = selftest.cases(full=False)
+    some = [c for i, c in enumerate(quick) if i % 3 == 0 or "fallback" in c.name or "blocks" in c.name]
+    assert {c.loss for c in some} == {"pdl", "d2sm", "mdf"}
+    code, results, text = _quick(["triton"], case_list=some)
+    assert code == 0, text
+    assert all(r.status in ("pass", "n/a") for r in results)
+
+
+def _pdl_only():
+    return [c for c in selftest.cases(full=False) if c.loss == "pdl" and "N=35" in c.name][:4]
 
 
 @requires_cpu_ext
-def test_selftest_reports_a_wrong_backend(monkeypatch):
+def test_mutation_wrong_values_fail(monkeypatch):
     real = pdl_module._forward_impl
 
     def wrong(backend, *args):
@@ -28,13 +248,53 @@ def test_selftest_reports_a_wrong_backend(monkeypatch):
         return (w * 1.01, *rest)
 
     monkeypatch.setattr(pdl_module, "_forward_impl", wrong)
-    buf = io.StringIO()
-    assert selftest.run("cpu", quick=True, backends=["cpu"], reps=1, out=buf) > 0
-    assert "FAIL" in buf.getvalue()
-    assert selftest.main(["--device", "cpu", "--quick", "--backends", "cpu", "--reps", "1"]) == 1
+    code, _, text = _quick(["cpu"], case_list=_pdl_only())
+    assert code == selftest.EXIT_MISMATCH and "FAIL" in text
+    assert selftest.main(["--device", "cpu", "--backends", "cpu", "--losses", "pdl", "--dtypes", "float64"]) == 1
 
 
-def test_selftest_bad_option_exits_nonzero():
-    with pytest.raises(SystemExit) as e:
-        selftest.main(["--dtype", "int8"])
-    assert e.value.code != 0
+@requires_cpu_ext
+def test_mutation_float64_error_below_float32_resolution_fails(monkeypatch):
+    """A float64 result off by 1e-7 relative (the fp32-typed LeakyReLU slope kind of bug) fails."""
+    real = d2sm_module._fused_impl
+
+    def off(*args):
+        loss, *rest = real(*args)
+        return (loss * (1 + 1e-7), *rest)
+
+    monkeypatch.setattr(d2sm_module, "_fused_impl", off)
+    cases = [c for c in selftest.cases(full=False) if c.loss == "d2sm" and c.dtype == torch.float64]
+    code, _, text = _quick(["cpu"], case_list=cases)
+    assert code == selftest.EXIT_MISMATCH, text
+
+
+@requires_cpu_ext
+def test_mutation_unwritten_outputs_fail(monkeypatch):
+    """A fast op that allocates its outputs and writes nothing into them."""
+    real = pdl_module._forward_impl
+
+    def lazy(backend, *args):
+        return tuple(torch.empty_like(t) for t in real(backend, *args))
+
+    monkeypatch.setattr(pdl_module, "_forward_impl", lazy)
+    code, results, text = _quick(["cpu"], case_list=_pdl_only())
+    assert code == selftest.EXIT_MISMATCH, text
+    assert all(r.status in ("fail", "error") for r in results)
+
+
+@requires_cpu_ext
+def test_mutation_a_swapped_permutation_fails(monkeypatch):
+    """Two ranks swapped in the saved permutation (a wrong tie order): values may still match."""
+    real = pdl_module._forward_impl
+
+    def swapped(backend, *args):
+        w, perm, *rest = real(backend, *args)
+        perm = perm.clone()
+        perm[..., [0, 1]] = perm[..., [1, 0]]
+        return (w, perm, *rest)
+
+    monkeypatch.setattr(pdl_module, "_forward_impl", swapped)
+    cases = [c for c in _pdl_only() if "N=35" in c.name]
+    code, results, text = _quick(["cpu"], case_list=cases)
+    assert code == selftest.EXIT_MISMATCH, text
+    assert any(r.errors.get("perm") == math.inf for r in results)

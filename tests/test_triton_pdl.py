@@ -1,8 +1,6 @@
-import os
 
-# Before anything imports triton: kernels are interpreted on CPU tensors unless the caller chose
-# otherwise (a conftest may set it too). On a GPU machine run with TRITON_INTERPRET=0.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# tests/conftest.py sets TRITON_INTERPRET=1 before triton loads when there is no GPU (the kernels
+# then run on CPU tensors); on a GPU machine it is left unset and these tests run on CUDA tensors.
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -17,6 +15,8 @@ elif torch.cuda.is_available():
     DEVICE = "cuda"
 else:
     pytest.skip("triton kernels are compiled (TRITON_INTERPRET unset before import) and no GPU", allow_module_level=True)
+
+DEVICE_AWARE = True  # runs on CUDA tensors in GPU mode (tests/conftest.py)
 
 ACC = {torch.float32: torch.float32, torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float64: torch.float64}
 # (rtol, atol) of w and of the gradients, per input dtype

@@ -1,0 +1,77 @@
+"""The GPU dispatch rules, checked on a CPU machine by asking for a CUDA device: what
+FASTLOSS_REQUIRE_EXT polices, the compute-capability floor of the Triton kernels, and cuDNN's
+deterministic mode under fastloss.use_deterministic."""
+import warnings
+
+import pytest
+import torch
+
+import fastloss
+from fastloss import _backend
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture
+def no_fast_gpu_backend(monkeypatch):
+    """This machine as a CUDA machine would look with neither triton nor fastloss._C_cuda usable."""
+    real = _backend.status
+    monkeypatch.setattr(_backend, "status", lambda name: (False, f"{name} unusable (test)")
+                        if name in ("triton", "cuda") else real(name))
+    monkeypatch.setattr(_backend, "_warned", set())
+
+
+def test_require_ext_covers_cuda_inputs(monkeypatch, no_fast_gpu_backend):
+    monkeypatch.setenv("FASTLOSS_REQUIRE_EXT", "1")
+    with pytest.raises(fastloss.BackendError, match="FASTLOSS_REQUIRE_EXT=1 but no fast backend for cuda"):
+        _backend.resolve("pdl", "auto", CUDA, torch.float32)
+
+
+def test_without_require_ext_cuda_falls_back_with_a_warning(monkeypatch, no_fast_gpu_backend):
+    monkeypatch.delenv("FASTLOSS_REQUIRE_EXT", raising=False)
+    with pytest.warns(RuntimeWarning, match="falling back to backend 'reference'"):
+        assert _backend.resolve("pdl", "auto", CUDA, torch.float32) == "reference"
+
+
+def test_require_ext_still_allows_a_dtype_fallback_on_cpu(monkeypatch):
+    """A CPU dtype the cpu backend does not take (MDF in bfloat16) is computed by reference: that
+    is a dispatch rule, not a missing build."""
+    if not _backend.status("cpu")[0]:
+        pytest.skip("fastloss._C not built")
+    monkeypatch.setenv("FASTLOSS_REQUIRE_EXT", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = _backend.resolve("mdf-test", "auto", torch.device("cpu"), torch.bfloat16,
+                               {"cpu": (torch.float32, torch.float64)})
+    assert got == "reference"
+
+
+@pytest.mark.parametrize("cap, ok", [((7, 0), False), ((7, 2), False), ((7, 5), True), ((9, 0), True)])
+def test_triton_needs_compute_capability_7_5(monkeypatch, cap, ok):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: cap)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
+    available, reason = _backend.status("triton")
+    assert available == ok, reason
+    if not ok:
+        assert f"compute capability {cap[0]}.{cap[1]}" in reason and "7.5" in reason
+        assert fastloss.backends()["triton"] == {"available": False, "reason": reason}
+        assert _backend.why_not("triton", CUDA, torch.float32) == reason
+
+
+def test_use_deterministic_sets_and_restores_cudnn():
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
+    try:
+        fastloss.use_deterministic(True)
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert fastloss.deterministic()
+        fastloss.use_deterministic(True)  # twice: still restores the user's values
+        fastloss.use_deterministic(False)
+        assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (False, True)
+        assert not fastloss.deterministic()
+    finally:
+        fastloss.use_deterministic(False)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
