@@ -143,7 +143,7 @@ def test_error_of_non_finite_entries():
     assert selftest.rel_error(torch.tensor([1.0, nan, -inf, -inf]), t) == math.inf    # wrong infinity
     assert selftest.rel_error(torch.tensor([nan, nan, inf, -inf]), t) == math.inf     # NaN where finite
     assert selftest.rel_error(torch.zeros(3), torch.zeros(3, dtype=torch.float64)) == 0.0
-    assert selftest.rel_error(torch.tensor([0.0, 1e-3, 0.0]), torch.zeros(3, dtype=torch.float64)) == 1e-3
+    assert selftest.rel_error(torch.tensor([0.0, 1e-3, 0.0], dtype=torch.float64), torch.zeros(3, dtype=torch.float64)) == 1e-3
     assert selftest.rel_error(torch.ones(2), torch.ones(3, dtype=torch.float64)) == math.inf
 
 
