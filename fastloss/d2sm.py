@@ -712,6 +712,10 @@ class D2SMLoss(nn.Module):
         return p.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1], ps, ps)
 
     def _features(self, x):
+        """[R, D] rows of the first layer, one per sample."""
+        return self._layer_features(x)[self.layer]
+
+    def _layer_features(self, x):
         """{layer: [R, D]} rows, one per sample."""
         out = self.extractor(x)
         if isinstance(out, dict):
@@ -767,9 +771,9 @@ class D2SMLoss(nn.Module):
                              f"(patch_size={self.patch_size}, patch_stride={self.patch_stride} on {hw[0]} x {hw[1]} "
                              f"images)")
         self._check_set_size(b, per_image, hw)
-        fu = self._features(restored)
+        fu = self._layer_features(restored)
         with torch.no_grad():
-            fv = self._features(clean)
+            fv = self._layer_features(clean)
         loss = 0.0
         for name, w, queue in zip(self.layers, self.layer_weights, self.queues):
             if self.patch_scope == "image":  # one set per image, averaged over the batch
