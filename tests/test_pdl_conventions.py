@@ -275,3 +275,20 @@ def test_fig2a_shifted_histogram_pdl_grows_while_kl_and_js_saturate():
     for backend in _backends(tiny=False)[1:]:
         got = [fastloss.pdl(base + s, base, backend=backend).item() for s in (0, 7, 30)]
         np.testing.assert_allclose(got, [0.0, 7.0, 30.0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(not _backend.status("cpu")[0], reason="fastloss._C not built")
+def test_torch_compile_fullgraph_with_root_and_sum():
+    def step(a, b):
+        return fastloss.pdl(a, b, p=2, root=True, normalization="sum", backend="cpu") * 1.5
+
+    compiled = torch.compile(step, fullgraph=True)
+    x, y = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    y[:, 1] = x[:, 1]  # a zero-distance channel inside the compiled graph too
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_c, out_e = compiled(xa, y), step(xb, y)
+    torch.testing.assert_close(out_c, out_e)
+    out_c.backward()
+    out_e.backward()
+    assert torch.isfinite(xa.grad).all()
+    torch.testing.assert_close(xa.grad, xb.grad)
