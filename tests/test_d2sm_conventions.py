@@ -164,6 +164,12 @@ def test_any_vgg_layer_and_several_layers_with_weights():
     torch.testing.assert_close(second, want2, rtol=1e-5, atol=1e-6)
     assert [q.filled for q in crit.queues] == [6, 6, 6]
     assert [q.pred_queue.shape[1] for q in crit.queues] == [64 * 256, 128 * 16, 256 * 16]
+    # every layer's queue travels in the state dict: a fresh loss resumes exactly
+    fresh = fastloss.D2SMLoss(extractor="vgg19", layers=("relu1_2", "pool2", "conv3_1"), layer_weights=(0.5, 2.0, 1.5),
+                              extractor_weights=None, queue_size=8, weight=3.0, reduction="sum")
+    fresh.load_state_dict(crit.state_dict())
+    assert any(k.startswith("more_queues.1.") for k in crit.state_dict())
+    assert torch.equal(fresh(u1, v1), crit(u1, v1))
     # a single layer by name, any of them, keeps the one-queue state dict
     one = fastloss.D2SMLoss(extractor="vgg16", layer="relu3_2", extractor_weights=None, queue_size=4)
     one(u1[:2], v1[:2])
