@@ -6,7 +6,9 @@ prediction and target::
     W[b, c] = (1/N) * sum_i |sort(pred[b, c])_i - sort(target[b, c])_i| ** p     (p = 1 or 2)
     loss[b] = sum_c W[b, c]                                  reduction: mean over b, sum, none
 
-``p=2`` gives W_2 squared, with no root. The backward keeps the sort permutation fixed: the
+``p=2`` gives W_2 squared by default; the paper's other conventions are options applied to the
+per-row W: ``root=True`` (``sum_c W[b, c]^(1/p)``, Eq. 5) and ``normalization="sum"`` (no 1/N,
+Eq. 3 and Algorithm 1). The backward keeps the sort permutation fixed: the
 forward saves the int32 permutation of every pred row and one int8 sign (p=1) or one float
 (p=2) per element, and the backward is one O(N) scatter of ``p |d|^(p-1) sign(d) / N``
 (``d`` = sorted pred - sorted target) to the original positions.
