@@ -12,7 +12,8 @@ from ``target``, which is a constant. Two modes::
            loss = (1/q) sum_i sum_{j != i} p'_i(j) log((p'_i(j) + eps) / (p_i(j) + eps))
 
 ``pkt`` is the Probabilistic Knowledge Transfer formula of the published D2SM code; ``paper`` is
-equations (2) to (5) of the paper. The row sums ``sum_k K_ik = (q + sum_k G_ik) / 2`` (less the
+equations (2) to (5) of the paper. ``reduction="sum"`` drops the 1/q (paper) or the mean over the
+q*q entries (pkt): with eps = 0, paper mode's sum is Eq. 2 as written. The row sums ``sum_k K_ik = (q + sum_k G_ik) / 2`` (less the
 diagonal term in paper mode) are the float64 sums of the similarity entries themselves: a KL
 moves by about d when a row's probabilities sum to 1 + d, so float32 row sums, or row sums that
 the rounded entries do not add up to (such as ``f_hat_i . sum_k f_hat_k``), would put errors of
