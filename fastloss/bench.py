@@ -117,8 +117,13 @@ def _fast(device):
     return None
 
 
+def _layers(args):
+    """The perceptual layers of the vgg and pdl configurations (``--layers``)."""
+    return tuple(getattr(args, "layers", None) or PERCEPTUAL_LAYERS)
+
+
 def _pdl(backend, args):
-    return fastloss.PDLLoss(layers=PERCEPTUAL_LAYERS, weight=0.01, pixel_weight=1.0,
+    return fastloss.PDLLoss(layers=_layers(args), weight=0.01, pixel_weight=1.0,
                             extractor_weights=args.vgg_weights, backend=backend)
 
 
@@ -140,7 +145,7 @@ def _mdf(backend, args):
 CONFIGS = {
     "l1": ("L1 (pixel only)", "l1", None, lambda b, a: _L1Plus(lambda u, v: u.new_zeros(()))),
     "vgg": ("L1 + VGG16 L1-perceptual", "vgg", None,
-            lambda b, a: VGGPerceptual(PERCEPTUAL_LAYERS, 0.01, a.vgg_weights)),
+            lambda b, a: VGGPerceptual(_layers(a), 0.01, a.vgg_weights)),
     "pdl-ref": ("L1 + PDL (reference)", "pdl", "reference", _pdl),
     "pdl-fast": ("L1 + PDL (fast)", "pdl", "fast", _pdl),
     "d2sm-ref": ("L1 + D2SM (reference)", "d2sm", "reference", _d2sm),
@@ -348,6 +353,69 @@ def markdown_report(result, table, png_path, md_path):
 
 
 
+MARKDOWN_SECTIONS = ("steps", "pdl-paper")
+
+# Table I of the PDL paper (v2, §5.3): training steps/sec relative to the pixel-only loss
+PDL_PAPER_TABLE_I = {"l1": 1.00, "vgg": 0.57, "pdl-ref": 0.57, "pdl-fast": 0.57}
+
+
+def _load_average():
+    """The 1, 5 and 15 minute load averages (as ``uptime`` prints them), or None."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def pdl_paper_report(result, table):
+    """The ``pdl-paper`` section of BENCHMARKS.md: this run's steps/sec relative to pixel-only
+    beside the PDL paper's Table I, and what differs between the two settings."""
+    st, m = result["settings"], result["machine"]
+    load = result.get("load_average") or {}
+    fmt_load = lambda v: "unknown" if not v else " / ".join(f"{x:.2f}" for x in v)  # noqa: E731
+    head = f"{'configuration':<28} {'backend':<10} {'steps/s':>8} {'vs pixel':>9} {'paper':>6}"
+    lines = [head, "-" * len(head)]
+    for r in result["results"]:
+        paper = PDL_PAPER_TABLE_I.get(r["config"])
+        rel = r["relative_to_pixel"]
+        lines.append(f"{r['label']:<28} {r['backend']:<10} {r['steps_per_sec']:>8.3f} "
+                     f"{'-' if rel is None else f'{rel:.2f}':>9} {'-' if paper is None else f'{paper:.2f}':>6}")
+    return "\n".join([
+        "## The PDL paper's Table I setting: `fastloss-bench --layers relu4_3`",
+        "",
+        f"Command (from the repository root): `{result['command']}`",
+        "",
+        f"- CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs, torch threads {m['torch_threads']})"
+        + (f", GPU: {m['gpu']}" if m.get("gpu") else ""),
+        f"- load average (1 / 5 / 15 min, as `uptime` prints it) before the run {fmt_load(load.get('before'))}, "
+        f"after {fmt_load(load.get('after'))}",
+        f"- torch {m['torch']}, fastloss {m['fastloss']}, device {m['device']}, fast backend `{m['fast_backend']}`",
+        f"- perceptual layers {', '.join(st['layers'])} of VGG16; DnCNN width {st['width']}, batch "
+        f"{st['batch_size']}, crop {st['crop']}; {st['rounds']} rounds x {st['steps']} timed steps per "
+        f"configuration (+{st['warmup']} warm-up), interleaved round by round; a row is the median step time",
+        f"- {result['vgg_weights_note']}",
+        "",
+        "```text",
+        "\n".join(lines),
+        "```",
+        "",
+        "The paper's column is Table I of the PDL paper (v2, §5.3): steps/sec relative to the pixel-only loss, "
+        "all perceptual losses on VGG16 conv4 features.",
+        "",
+        "What differs from the paper's setting:",
+        "",
+        f"- network: here a DnCNN-style denoiser of 8 conv layers, width {st['width']}; the paper trains SRN "
+        "(denoising), EDSR (super-resolution) or DsDeblur, much larger networks, so VGG is a smaller share of "
+        "its step than of this one's",
+        f"- images: here crops of {st['crop']} x {st['crop']} in batches of {st['batch_size']} from one generated "
+        "image; the paper uses 256 x 256 DIV2K crops in batches of 8",
+        f"- hardware and framework: here {m['cpu']} ({m['device']}, PyTorch, a machine shared with other jobs); "
+        "the paper's implementation is TensorFlow and it does not state its hardware",
+        "- VGG weights: random here (the cost of a step does not depend on them); ImageNet in the paper",
+        "- the pixel-only row includes fastloss-bench's data preparation and the optimizer step, as every row does",
+    ])
+
+
 # ----------------------------------------------------------------------------- demo
 def run_demo(args, image):
     import matplotlib
@@ -412,6 +480,19 @@ def _non_negative_int(text):
     return v
 
 
+def _parse_layers(ap, text):
+    from .features import layer_names
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    valid = layer_names("vgg16")
+    unknown = [n for n in names if n not in valid]
+    if unknown or not names:
+        ap.error(f"--layers: unknown VGG16 layer(s) {unknown or text!r}; choose from {', '.join(valid)}")
+    if len(set(names)) != len(names):
+        ap.error(f"--layers: repeated layer(s) in {text!r}")
+    return tuple(names)
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="fastloss-bench", description=__doc__.split("\n\n")[0],
                                  epilog="configurations: " + ", ".join(CONFIGS))
@@ -426,6 +507,9 @@ def parse_args(argv):
     ap.add_argument("--width", type=_positive_int, default=32, help="denoiser channels (default 32)")
     ap.add_argument("--sigma", type=float, default=25.0, help="noise std on the 0-255 scale (default 25)")
     ap.add_argument("--configs", default="all", help="comma-separated subset of: " + ", ".join(CONFIGS))
+    ap.add_argument("--layers", default=",".join(PERCEPTUAL_LAYERS),
+                    help="comma-separated VGG16 layers of the L1-perceptual and PDL configurations (default "
+                         f"{','.join(PERCEPTUAL_LAYERS)}; the PDL paper's setting is relu4_3, its conv4 features)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="fastloss-bench-out", help="output folder (default ./fastloss-bench-out)")
     ap.add_argument("--vgg-weights", default=None,
@@ -437,6 +521,9 @@ def parse_args(argv):
     ap.add_argument("--markdown", default=None, metavar="FILE",
                     help="also write the table, the command, the machine and the chart into FILE "
                          "(the 'steps' section between its markers, e.g. BENCHMARKS.md)")
+    ap.add_argument("--markdown-section", default="steps", choices=MARKDOWN_SECTIONS,
+                    help="the section --markdown writes: 'steps' (default), or 'pdl-paper', the table beside "
+                         "the PDL paper's Table I (pixel-only 1.00, L1-perceptual 0.57, PDL 0.57)")
     args = ap.parse_args(argv)
     if args.configs == "all":
         args.configs = list(CONFIGS)
@@ -445,6 +532,7 @@ def parse_args(argv):
         unknown = [c for c in args.configs if c not in CONFIGS]
         if unknown or not args.configs:
             ap.error(f"--configs: unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}")
+    args.layers = _parse_layers(ap, args.layers)
     if args.crop < 16:
         ap.error(f"--crop must be at least 16 pixels (VGG pools 3 times before relu4_3), got {args.crop}")
     if args.crop > 256:
@@ -478,6 +566,7 @@ def main(argv=None):
     # Every configuration is set up first, then the rounds run them in turn (l1, vgg, ..., l1,
     # vgg, ...): a machine that slows down for a while slows every configuration alike, and each
     # row is the median over all its timed steps.
+    load_before = _load_average()
     states, skipped = [], {}
     for name in args.configs:
         try:
@@ -497,7 +586,8 @@ def main(argv=None):
     print(table)
     result = {"command": "fastloss-bench " + " ".join(sys.argv[1:] if argv is None else argv),
               "settings": {k: v for k, v in vars(args).items() if k != "demo"}, "vgg_weights_note": weights_note,
-              "machine": info, "results": rows, "skipped": skipped}
+              "machine": info, "results": rows, "skipped": skipped,
+              "load_average": {"before": load_before, "after": _load_average()}}
     json_path = os.path.join(args.out, "results.json")
     with open(json_path, "w") as f:
         json.dump(result, f, indent=2)
@@ -507,8 +597,11 @@ def main(argv=None):
                                   f"crop {args.crop}")
     print(f"wrote {json_path}" + (f" and {png_path}" if rows else ""))
     if args.markdown and rows:
-        write_markdown_section(args.markdown, "steps", markdown_report(result, table, png_path, args.markdown))
-        print(f"wrote the 'steps' section of {args.markdown}")
+        section = args.markdown_section
+        text = (pdl_paper_report(result, table) if section == "pdl-paper"
+                else markdown_report(result, table, png_path, args.markdown))
+        write_markdown_section(args.markdown, section, text)
+        print(f"wrote the '{section}' section of {args.markdown}")
     return 0 if rows else 1
 
 

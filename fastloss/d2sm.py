@@ -12,7 +12,8 @@ from ``target``, which is a constant. Two modes::
            loss = (1/q) sum_i sum_{j != i} p'_i(j) log((p'_i(j) + eps) / (p_i(j) + eps))
 
 ``pkt`` is the Probabilistic Knowledge Transfer formula of the published D2SM code; ``paper`` is
-equations (2) to (5) of the paper. The row sums ``sum_k K_ik = (q + sum_k G_ik) / 2`` (less the
+equations (2) to (5) of the paper. ``reduction="sum"`` drops the 1/q (paper) or the mean over the
+q*q entries (pkt): with eps = 0, paper mode's sum is Eq. 2 as written. The row sums ``sum_k K_ik = (q + sum_k G_ik) / 2`` (less the
 diagonal term in paper mode) are the float64 sums of the similarity entries themselves: a KL
 moves by about d when a row's probabilities sum to 1 + d, so float32 row sums, or row sums that
 the rounded entries do not add up to (such as ``f_hat_i . sum_k f_hat_k``), would put errors of
@@ -41,6 +42,8 @@ from . import _backend, _ext
 
 _OP = "d2sm"
 MODES = ("paper", "pkt")
+REDUCTIONS = ("mean", "sum")
+PATCH_SCOPES = ("batch", "image")
 
 
 # --------------------------------------------------------------------------- input checks
@@ -49,6 +52,22 @@ def _check_mode_eps(mode, eps, op):
         raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or eps == float("inf"):
         raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+
+
+def _check_reduction(reduction, op):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _sum_scale(loss, q, mode, reduction):
+    """``reduction="sum"`` from the mean the fused op returns: times q (paper: the 1/q over the
+    anchors) or q * q (pkt: the mean over the q x q entries). ``q`` may be a 0-dim tensor (the
+    queue's fill level), so that no host sync is needed."""
+    if reduction == "mean":
+        return loss
+    if isinstance(q, Tensor):
+        q = q.to(loss.dtype)
+    return loss * (q * q if mode == "pkt" else q)
 
 
 def _check_features(pred, target, op, pred_name="pred", target_name="target", min_rows=1):
@@ -102,13 +121,15 @@ def _normalize(f: Tensor, eps: float) -> Tensor:
     return torch.where(torch.isnan(f_hat), torch.zeros_like(f_hat), f_hat)
 
 
-def _kl_from_sims(sp: Tensor, st: Tensor, mode: str, eps: float) -> Tensor:
-    """The D2SM KL of the module docstring from the cosine similarities ``sp`` (pred), ``st``."""
+def _kl_from_sims(sp: Tensor, st: Tensor, mode: str, eps: float, reduction: str = "mean") -> Tensor:
+    """The D2SM KL of the module docstring from the cosine similarities ``sp`` (pred), ``st``;
+    ``reduction="sum"`` without the 1/q (paper) or 1/q^2 (pkt)."""
     q = sp.shape[0]
     kp, kt = (sp + 1) / 2, (st + 1) / 2  # [q, q] cosine kernels, in [0, 1]
     if mode == "pkt":
         s, t = kp / kp.sum(1, keepdim=True), kt / kt.sum(1, keepdim=True)
-        return (t * torch.log((t + eps) / (s + eps))).mean()
+        terms = t * torch.log((t + eps) / (s + eps))
+        return terms.sum() if reduction == "sum" else terms.mean()
     off = ~torch.eye(q, dtype=torch.bool, device=sp.device)
     kp, kt = kp * off, kt * off  # the paper's sums run over j != i
     p, pt = kp / kp.sum(1, keepdim=True), kt / kt.sum(1, keepdim=True)
@@ -116,16 +137,17 @@ def _kl_from_sims(sp: Tensor, st: Tensor, mode: str, eps: float) -> Tensor:
     # gradient too, hence 1 in the log there rather than a where() on the product)
     one = torch.ones_like(p)
     lg = torch.log((torch.where(off, p, one) + eps) / (torch.where(off, pt, one) + eps))
-    return (p * lg).sum() / q
+    return (p * lg).sum() if reduction == "sum" else (p * lg).sum() / q
 
 
-def d2sm_reference(pred: Tensor, target: Tensor, mode: str = "paper", eps: float = 1e-6) -> Tensor:
+def d2sm_reference(pred: Tensor, target: Tensor, mode: str = "paper", eps: float = 1e-6,
+                   reduction: str = "mean") -> Tensor:
     """The D2SM KL in plain PyTorch with autograd (module docstring); target is a constant."""
     acc = _acc_dtype(pred.dtype)
     with _autocast_off(pred.device):
         x = _normalize(pred.flatten(1).to(acc), eps)
         y = _normalize(target.detach().flatten(1).to(acc), eps)
-        return _kl_from_sims(x @ x.T, y @ y.T, mode, eps).to(pred.dtype)
+        return _kl_from_sims(x @ x.T, y @ y.T, mode, eps, reduction).to(pred.dtype)
 
 
 # --------------------------------------------------------------------------- backends
@@ -323,22 +345,26 @@ def _normalize_rows(f: Tensor, eps: float, backend: str) -> Tensor:
 
 
 # --------------------------------------------------------------------------- public op
-def d2sm_kl(pred: Tensor, target: Tensor, *, mode: str = "paper", eps: float = 1e-6, backend: str = "auto") -> Tensor:
+def d2sm_kl(pred: Tensor, target: Tensor, *, mode: str = "paper", eps: float = 1e-6, backend: str = "auto",
+            reduction: str = "mean") -> Tensor:
     """The D2SM KL of ``pred`` against ``target`` (module docstring): a 0-dim tensor.
 
     ``pred`` and ``target`` are (q, D, ...) of one shape, q >= 2 rows (trailing dims are
     flattened); only ``pred`` gets gradient. ``mode``: ``"paper"`` (diagonal excluded, mean over
     the q anchors) or ``"pkt"`` (the published code: diagonal included, mean over q*q entries).
+    ``reduction="sum"`` drops that mean: in paper mode with ``eps=0`` it is Eq. 2 as written,
+    ``sum_i sum_{j != i} g'_{j|i} log(g'_{j|i} / g_{j|i})``.
     float16 / bfloat16 are computed in float32 and the result has the input dtype. ``backend``:
     ``auto`` (default), ``reference``, ``cpu``, ``triton`` or ``cuda``; see ``fastloss.backends()``.
     """
     _check_features(pred, target, _OP, min_rows=2)
     _check_mode_eps(mode, eps, _OP)
+    _check_reduction(reduction, _OP)
     name = _backend.resolve(_OP, backend, pred.device, pred.dtype)
     if name == "reference":
-        return d2sm_reference(pred, target, mode, eps)
+        return d2sm_reference(pred, target, mode, eps, reduction)
     with _autocast_off(pred.device):
-        return _d2sm_kl_fused(pred, target, mode, eps, name)
+        return _sum_scale(_d2sm_kl_fused(pred, target, mode, eps, name), pred.shape[0], mode, reduction)
 
 
 def _d2sm_kl_fused(pred: Tensor, target: Tensor, mode: str, eps: float, name: str) -> Tensor:
@@ -405,7 +431,8 @@ class D2SMQueue(nn.Module):
     """The D2SM KL over the current batch plus a FIFO of past rows, with an incremental cache.
 
     ``queue(pred_feats, target_feats)``, both (B, D, ...) of one shape, returns the D2SM KL
-    (``mode``, ``eps`` as in ``d2sm_kl``) over a set of q rows: the batch's rows, which carry the
+    (``mode``, ``eps``, ``reduction`` as in ``d2sm_kl``; ``"sum"`` scales by the fill level q,
+    read on the device) over a set of q rows: the batch's rows, which carry the
     gradient of ``pred_feats``, and the ``queue_size - B`` most recent earlier rows, detached
     (fewer while the queue fills up, so q = min(rows seen, queue_size)). Then the batch enters
     the queue and the oldest rows leave. A call with a set of fewer than 2 rows (the first call,
@@ -429,11 +456,14 @@ class D2SMQueue(nn.Module):
 
     _BUFFERS = ("pred_queue", "target_queue", "pred_sim", "target_sim", "pred_rowsum", "target_rowsum")
 
-    def __init__(self, queue_size: int = 256, mode: str = "paper", eps: float = 1e-6, backend: str = "auto"):
+    def __init__(self, queue_size: int = 256, mode: str = "paper", eps: float = 1e-6, backend: str = "auto",
+                 reduction: str = "mean"):
         super().__init__()
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 2:
             raise ValueError(f"D2SMQueue: queue_size must be an int >= 2, got {queue_size!r}")
         _check_mode_eps(mode, eps, "D2SMQueue")
+        _check_reduction(reduction, "D2SMQueue")
+        self.reduction = reduction
         _backend.requested(backend, "D2SMQueue")
         self.queue_size, self.mode, self.eps, self.backend = queue_size, mode, float(eps), backend
         for name in self._BUFFERS:
@@ -457,7 +487,8 @@ class D2SMQueue(nn.Module):
         return int(self._ptr)
 
     def extra_repr(self):
-        return f"queue_size={self.queue_size}, mode={self.mode!r}, eps={self.eps}, filled={self.filled}"
+        return (f"queue_size={self.queue_size}, mode={self.mode!r}, eps={self.eps}, reduction={self.reduction!r}, "
+                f"filled={self.filled}")
 
     def reset(self):
         """Empty the queues (the next call starts a new warm-up)."""
@@ -571,6 +602,7 @@ class D2SMQueue(nn.Module):
                 loss = _d2sm_queue_forward(x, self.pred_queue, self.pred_sim, self.target_sim, self.pred_rowsum,
                                            self.target_rowsum, self._filled, local if need_grad else local[:0],
                                            self.mode, self.eps, name)[0]
+                loss = _sum_scale(loss, self._filled, self.mode, self.reduction)  # q: no host sync
             return loss.to(pred_feats.dtype)
 
     def _reference_loss(self, x, new_p, slots, local, q, rank, b):
@@ -583,47 +615,94 @@ class D2SMQueue(nn.Module):
         sp = sp.index_put((slots,), sp_new)
         sp = sp.T.index_put((slots,), sp_new).T
         sp = sp.index_put((slots[:, None], slots[None, :]), block)
-        return _kl_from_sims(sp, self.target_sim[:q, :q], self.mode, self.eps)
+        return _kl_from_sims(sp, self.target_sim[:q, :q], self.mode, self.eps, self.reduction)
 
 
 # --------------------------------------------------------------------------- the module
 class D2SMLoss(nn.Module):
-    """``weight * D2SMQueue(Phi(restored), Phi(clean))`` on (B, 3, H, W) images in [0, 1].
+    """``weight * sum_l w_l * D2SMQueue_l(Phi_l(restored), Phi_l(clean))`` on (B, 3, H, W) images in [0, 1].
 
     ``Phi``: a frozen VGG (ImageNet-normalized inputs) up to ``layer`` (default: VGG19 conv5_4,
-    before its ReLU, as the published code), the whole map flattened to one row per sample, or
-    any ``nn.Module`` mapping images to features (a tensor, or a dict holding ``layer``). The
-    clean features are computed without autograd. With ``internal_patches=True`` each image is
-    cut into ``patch_size`` windows at ``patch_stride`` (as ``Tensor.unfold``: windows that would
-    cross the border are not taken) and the patches are the samples. ``extractor_weights``: a
-    path, ``"torchvision"`` (the local torch hub cache, never downloaded) or ``None`` (random
-    init). ``reset()`` empties the queue; ``state_dict()`` carries it.
+    before its ReLU, as the published code; any VGG layer name), the whole map flattened to one
+    row per sample, or any ``nn.Module`` mapping images to features (a tensor, or a dict holding
+    the layers). ``layers=(...)`` with ``layer_weights`` sums several layers, one queue each
+    (``queues``; ``queue`` is the first). The clean features are computed without autograd.
+    With ``internal_patches=True`` each image is cut into ``patch_size`` windows at
+    ``patch_stride`` (as ``Tensor.unfold``: windows that would cross the border are not taken)
+    and the patches are the samples: ``patch_scope="batch"`` pools the patches of the batch into
+    the queue; ``patch_scope="image"`` takes each image's patches as their own set (the KL of
+    ``d2sm_kl`` over them, no queue) and averages over the images (paper §3.3; see README).
+    ``reduction``: as ``d2sm_kl``. ``extractor_weights``: a path, ``"torchvision"`` (the local
+    torch hub cache, never downloaded) or ``None`` (random init). ``reset()`` empties the queues;
+    ``state_dict()`` carries them.
     """
 
     def __init__(self, extractor="vgg19", layer: str = "conv5_4", queue_size: int = 256, mode: str = "paper",
                  internal_patches: bool = False, patch_size: int = 224, patch_stride: int = 56, weight: float = 1.0,
-                 extractor_weights="torchvision", eps: float = 1e-6, backend: str = "auto"):
+                 extractor_weights="torchvision", eps: float = 1e-6, backend: str = "auto", reduction: str = "mean",
+                 layers=None, layer_weights=None, patch_scope: str = "batch"):
         super().__init__()
         for name, v in (("patch_size", patch_size), ("patch_stride", patch_stride)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"D2SMLoss: {name} must be an int >= 1, got {v!r}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise ValueError(f"D2SMLoss: weight must be a finite number, got {weight!r}")
-        self.layer, self.internal_patches = layer, bool(internal_patches)
+        layers = self._check_layers(layer, layers, layer_weights)
+        if layer_weights is None:
+            layer_weights = (1.0,) * len(layers)
+        if patch_scope not in PATCH_SCOPES:
+            raise ValueError(f"D2SMLoss: patch_scope must be one of {PATCH_SCOPES}, got {patch_scope!r}")
+        if patch_scope == "image" and not internal_patches:
+            raise ValueError("D2SMLoss: patch_scope='image' takes the patches of each image as a set: it needs "
+                             "internal_patches=True")
+        _check_reduction(reduction, "D2SMLoss")
+        self.layers, self.layer_weights = layers, tuple(float(w) for w in layer_weights)
+        self.layer, self.internal_patches, self.patch_scope = layers[0], bool(internal_patches), patch_scope
         self.patch_size, self.patch_stride, self.weight = patch_size, patch_stride, float(weight)
+        self.reduction = reduction
         if isinstance(extractor, nn.Module):
             self.extractor = extractor
         elif extractor in ("vgg16", "vgg19"):
             from .features import VGG
 
-            self.extractor = VGG(extractor, layers=(layer,), weights=extractor_weights)
+            self.extractor = VGG(extractor, layers=layers, weights=extractor_weights)
         else:
             raise ValueError(f"D2SMLoss: extractor must be 'vgg16', 'vgg19' or an nn.Module, got {extractor!r}")
-        self.queue = D2SMQueue(queue_size, mode, eps, backend)
+        # the first layer's queue keeps its name (state dicts of one-layer losses are unchanged)
+        self.queue = D2SMQueue(queue_size, mode, eps, backend, reduction)
+        self.more_queues = nn.ModuleList(D2SMQueue(queue_size, mode, eps, backend, reduction) for _ in layers[1:])
+
+    @staticmethod
+    def _check_layers(layer, layers, layer_weights):
+        if layers is None:
+            if not isinstance(layer, str):
+                raise ValueError(f"D2SMLoss: layer must be a layer name, got {layer!r}")
+            layers = (layer,)
+        else:
+            if layer != "conv5_4":
+                raise ValueError(f"D2SMLoss: pass layer={layer!r} or layers={layers!r}, not both")
+            layers = (layers,) if isinstance(layers, str) else tuple(layers)
+            if not layers or not all(isinstance(n, str) for n in layers):
+                raise ValueError(f"D2SMLoss: layers must be a non-empty sequence of layer names, got {layers!r}")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"D2SMLoss: layers has repeats: {layers!r}")
+        if layer_weights is not None:
+            if len(layer_weights) != len(layers):
+                raise ValueError(f"D2SMLoss: layer_weights has {len(layer_weights)} entries for {len(layers)} layers")
+            for w in layer_weights:
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                    raise ValueError(f"D2SMLoss: layer_weights must be finite numbers, got {w!r}")
+        return layers
+
+    @property
+    def queues(self):
+        """One queue per layer, in the order of ``layers``."""
+        return [self.queue, *self.more_queues]
 
     def reset(self):
-        """Empty the queue."""
-        self.queue.reset()
+        """Empty the queues."""
+        for q in self.queues:
+            q.reset()
 
     def patches(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B * nH * nW, C, patch_size, patch_size), windows in row-major order."""
@@ -634,12 +713,38 @@ class D2SMLoss(nn.Module):
         return p.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1], ps, ps)
 
     def _features(self, x):
+        """[R, D] rows of the first layer, one per sample."""
+        return self._layer_features(x)[self.layer]
+
+    def _layer_features(self, x):
+        """{layer: [R, D]} rows, one per sample."""
         out = self.extractor(x)
         if isinstance(out, dict):
-            if self.layer not in out:
-                raise ValueError(f"D2SMLoss: the extractor did not return layer {self.layer!r} (got {list(out)})")
-            out = out[self.layer]
-        return out.flatten(1)
+            missing = [name for name in self.layers if name not in out]
+            if missing:
+                which = f"layer {missing[0]!r}" if len(missing) == 1 else f"layers {missing}"
+                raise ValueError(f"D2SMLoss: the extractor did not return {which} (got {list(out)})")
+            return {name: out[name].flatten(1) for name in self.layers}
+        if len(self.layers) != 1:
+            raise ValueError(f"D2SMLoss: the extractor returned one tensor but layers={self.layers} asks for "
+                             f"{len(self.layers)}")
+        return {self.layer: out.flatten(1)}
+
+    def _check_set_size(self, b, per_image, image_hw):
+        """The rows one call puts in the queue must fit: say which queue_size the setting needs."""
+        world = _dist_world()[0]
+        rows = b * per_image * world
+        if self.patch_scope == "image" or rows <= self.queue.queue_size:
+            return
+        ranks = f" x {world} ranks" if world > 1 else ""
+        if self.internal_patches:
+            what = (f"{b} images x {per_image} patches{ranks} = {rows} rows (patch_size={self.patch_size}, "
+                    f"patch_stride={self.patch_stride} on {image_hw[0]} x {image_hw[1]} images)")
+            alt = ", or patch_scope='image' (sets of one image's patches)"
+        else:
+            what, alt = f"{b} rows{ranks}", ""
+        raise ValueError(f"D2SMLoss: queue_size={self.queue.queue_size} is smaller than the batch ({what}): this "
+                         f"setting needs queue_size >= {rows}{alt}")
 
     def forward(self, restored: Tensor, clean: Tensor) -> Tensor:
         for name, t in (("restored", restored), ("clean", clean)):
@@ -658,9 +763,25 @@ class D2SMLoss(nn.Module):
                              f"{clean.device}")
         if restored.numel() == 0:
             raise ValueError(f"D2SMLoss: restored is empty, shape {tuple(restored.shape)}")
+        b, hw = restored.shape[0], tuple(restored.shape[-2:])
         if self.internal_patches:
             restored, clean = self.patches(restored), self.patches(clean)
-        fu = self._features(restored)
+        per_image = restored.shape[0] // b
+        if self.patch_scope == "image" and per_image < 2:
+            raise ValueError(f"D2SMLoss: patch_scope='image' needs at least 2 patches per image, got {per_image} "
+                             f"(patch_size={self.patch_size}, patch_stride={self.patch_stride} on {hw[0]} x {hw[1]} "
+                             f"images)")
+        self._check_set_size(b, per_image, hw)
+        fu = self._layer_features(restored)
         with torch.no_grad():
-            fv = self._features(clean)
-        return self.weight * self.queue(fu, fv)
+            fv = self._layer_features(clean)
+        loss = 0.0
+        for name, w, queue in zip(self.layers, self.layer_weights, self.queues):
+            if self.patch_scope == "image":  # one set per image, averaged over the batch
+                u, v = fu[name].unflatten(0, (b, per_image)), fv[name].unflatten(0, (b, per_image))
+                term = sum(d2sm_kl(u[i], v[i], mode=queue.mode, eps=queue.eps, backend=queue.backend,
+                                   reduction=self.reduction) for i in range(b)) / b
+            else:
+                term = queue(fu[name], fv[name])
+            loss = loss + w * term
+        return self.weight * loss

@@ -6,7 +6,9 @@ prediction and target::
     W[b, c] = (1/N) * sum_i |sort(pred[b, c])_i - sort(target[b, c])_i| ** p     (p = 1 or 2)
     loss[b] = sum_c W[b, c]                                  reduction: mean over b, sum, none
 
-``p=2`` gives W_2 squared, with no root. The backward keeps the sort permutation fixed: the
+``p=2`` gives W_2 squared by default; the paper's other conventions are options applied to the
+per-row W: ``root=True`` (``sum_c W[b, c]^(1/p)``, Eq. 5) and ``normalization="sum"`` (no 1/N,
+Eq. 3 and Algorithm 1). The backward keeps the sort permutation fixed: the
 forward saves the int32 permutation of every pred row and one int8 sign (p=1) or one float
 (p=2) per element, and the backward is one O(N) scatter of ``p |d|^(p-1) sign(d) / N``
 (``d`` = sorted pred - sorted target) to the original positions.
@@ -26,6 +28,7 @@ from . import _backend, _ext
 
 _OP = "pdl"
 _REDUCTIONS = ("mean", "sum", "none")
+NORMALIZATIONS = ("mean", "sum")
 
 
 # --------------------------------------------------------------------------- input checks
@@ -54,6 +57,47 @@ def _check_inputs(pred, target, p, reduction, op=_OP):
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
+def _check_convention(root, normalization, op=_OP):
+    if not isinstance(root, bool):
+        raise TypeError(f"{op}: root must be True or False, got {root!r}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"{op}: normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+
+
+class _SafeRoot(torch.autograd.Function):
+    """``w ** (1/p)`` of per-row ``w >= 0``, whose gradient at ``w = 0`` is 0, not NaN.
+
+    At w = 0 every difference of the row is 0: ``(sum_i |d_i|^p)^(1/p)`` is a norm of d, whose
+    subgradient there contains 0 (and PyTorch's norm backward gives 0 too). Elsewhere it is the
+    exact derivative ``w^(1/p - 1) / p``. Elementwise on [B, C]: the fused scatter stays one pass."""
+
+    @staticmethod
+    def forward(ctx, w, p):
+        out = w.clamp_min(0).sqrt() if p == 2 else w
+        ctx.save_for_backward(out)
+        ctx.p = p
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        if ctx.p != 2:
+            return grad, None
+        pos = out > 0
+        return torch.where(pos, grad / (2 * torch.where(pos, out, torch.ones_like(out))), torch.zeros_like(grad)), None
+
+
+def _convention(w, n, p, root, normalization):
+    """Per-row ``w[b, c] = (1/N) sum_i |d_i|^p`` (W_p^p, Eq. 2) in the convention asked for:
+    ``normalization="sum"`` drops the 1/N (Eq. 3's sum), ``root=True`` takes the p-th root
+    (W_p of Eq. 5; with "sum", Algorithm 1's ``||phi'_j(u) - phi'_j(v)||_p``)."""
+    if normalization == "sum":
+        w = w * n
+    if root and p != 1:
+        w = _SafeRoot.apply(w, p)
+    return w
+
+
 def _reduce(per_sample, reduction):
     if reduction == "mean":
         return per_sample.mean()
@@ -63,13 +107,16 @@ def _reduce(per_sample, reduction):
 
 
 # --------------------------------------------------------------------------- reference
-def pdl_reference(pred: Tensor, target: Tensor, p: int = 1, reduction: str = "mean") -> Tensor:
-    """The ``torch.sort`` formula with autograd: ``sum_c mean_i |sort(x)_i - sort(y)_i|^p``."""
+def pdl_reference(pred: Tensor, target: Tensor, p: int = 1, reduction: str = "mean", root: bool = False,
+                  normalization: str = "mean") -> Tensor:
+    """The ``torch.sort`` formula with autograd: ``sum_c mean_i |sort(x)_i - sort(y)_i|^p``
+    (``root``, ``normalization``: see ``pdl``)."""
     x, y = pred.flatten(2), target.flatten(2)
     if x.dtype in (torch.float16, torch.bfloat16):
         x, y = x.float(), y.float()
     d = torch.sort(x, dim=-1, stable=True).values - torch.sort(y, dim=-1, stable=True).values
     w = (d.abs() if p == 1 else d.square()).mean(-1)  # [B, C]
+    w = _convention(w, x.shape[-1], p, root, normalization)
     return _reduce(w.sum(1), reduction).to(pred.dtype)
 
 
@@ -178,21 +225,27 @@ _pdl_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, i
 
 
 # --------------------------------------------------------------------------- public op
-def pdl(pred: Tensor, target: Tensor, *, p: int = 1, reduction: str = "mean", backend: str = "auto") -> Tensor:
+def pdl(pred: Tensor, target: Tensor, *, p: int = 1, reduction: str = "mean", backend: str = "auto",
+        root: bool = False, normalization: str = "mean") -> Tensor:
     """Projected distribution loss: ``sum_c (1/N) sum_i |sort(pred[b,c])_i - sort(target[b,c])_i|^p``.
 
     ``pred`` and ``target`` are (B, C, *spatial) of one shape; ``reduction`` is ``mean`` over B
-    (default), ``sum`` or ``none`` (shape (B,)). float16 / bfloat16 accumulate in float32 and the
-    result has the input dtype. ``backend``: ``auto`` (default), ``reference``, ``cpu``, ``triton``
-    or ``cuda``; see ``fastloss.backends()``.
+    (default), ``sum`` or ``none`` (shape (B,)). ``normalization="sum"`` drops the 1/N (the
+    paper's Eq. 3); ``root=True`` takes the p-th root per channel, ``sum_c W_p`` (Eq. 5; with
+    "sum", Algorithm 1's ``sum_c ||sort(pred) - sort(target)||_p``); the default is W_p^p of
+    Eq. 2. float16 / bfloat16 accumulate in float32 and the result has the input dtype.
+    ``backend``: ``auto`` (default), ``reference``, ``cpu``, ``triton`` or ``cuda``; see
+    ``fastloss.backends()``.
     """
     _check_inputs(pred, target, p, reduction)
+    _check_convention(root, normalization)
     name = _backend.resolve(_OP, backend, pred.device, pred.dtype)
     if name == "reference":
-        return pdl_reference(pred, target, p, reduction)
+        return pdl_reference(pred, target, p, reduction, root, normalization)
     target_grad = target.requires_grad and torch.is_grad_enabled()
     # flatten(2) is a view for contiguous and channels_last inputs; the kernels take any strides.
     w = _pdl_forward(pred.flatten(2), target.flatten(2), p, target_grad, name)[0]
+    w = _convention(w, pred[0, 0].numel(), p, root, normalization)  # [B, C], elementwise
     return _reduce(w.sum(1), reduction).to(pred.dtype)
 
 
@@ -206,7 +259,8 @@ def projection_matrix(kind: str, channels: int, num: Optional[int] = None, seed:
 
     ``rsp``: random unit directions on the sphere. ``r2p``: each row mixes two distinct random
     channels with random unit-norm weights. ``rpp``: identity plus ``perturbation`` * Gaussian
-    noise, rows renormalised. ``num`` defaults to ``channels``.
+    noise, rows renormalised; ``num = m * channels`` stacks m such perturbed identities (the
+    paper's RPP-2x is m = 2). ``num`` defaults to ``channels``.
     """
     if kind not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {kind!r}")
@@ -225,12 +279,17 @@ def projection_matrix(kind: str, channels: int, num: Optional[int] = None, seed:
         for k in range(num):
             i, j = torch.randperm(channels, generator=g)[:2].tolist()
             m[k, i], m[k, j] = torch.randn(2, generator=g, dtype=torch.float64).unbind()
-    else:  # rpp
-        if num != channels:
-            raise ValueError(f"projection 'rpp' is square: num_projections must equal channels ({channels}), got {num}")
-        m = torch.eye(channels, dtype=torch.float64) + perturbation * torch.randn(
-            channels, channels, generator=g, dtype=torch.float64)
+    else:  # rpp: m perturbed identities stacked, the first one drawn as a square rpp always was
+        _check_rpp(num, channels)
+        m = torch.cat([torch.eye(channels, dtype=torch.float64) + perturbation * torch.randn(
+            channels, channels, generator=g, dtype=torch.float64) for _ in range(num // channels)])
     return (m / m.norm(dim=1, keepdim=True).clamp_min(1e-12)).float()
+
+
+def _check_rpp(num, channels, op="projection 'rpp'"):
+    if num % channels != 0:
+        raise ValueError(f"{op}: num_projections must be a multiple m * C of the channels C={channels} (m perturbed "
+                         f"identities stacked: {channels}, {2 * channels}, {3 * channels}, ...), got {num}")
 
 
 def project(features: Tensor, matrix: Optional[Tensor]) -> Tensor:
@@ -244,6 +303,8 @@ def project(features: Tensor, matrix: Optional[Tensor]) -> Tensor:
 class PDLLoss(nn.Module):
     """``pixel_weight * mean|u - v| + weight * sum_l w_l * pdl(P_l Phi_l(u), P_l Phi_l(v))``.
 
+    ``root`` and ``normalization`` are passed to ``pdl`` (the paper's conventions; see README).
+
     ``u`` (restored) and ``v`` (clean) are (B, 3, H, W) images in [0, 1]; ``Phi_l`` are layers of
     a frozen VGG (ImageNet-normalised inputs), ``P_l`` the fixed projections. Target features are
     computed without autograd. ``extractor_weights``: a path to a torchvision-format state dict,
@@ -255,7 +316,7 @@ class PDLLoss(nn.Module):
     def __init__(self, layers: Sequence[str] = ("relu4_3",), layer_weights: Optional[Sequence[float]] = None,
                  weight: float = 0.01, pixel_weight: float = 1.0, projection: str = "id", p: int = 1,
                  extractor="vgg16", extractor_weights="torchvision", num_projections: Optional[int] = None,
-                 seed: int = 0, backend: str = "auto"):
+                 seed: int = 0, backend: str = "auto", root: bool = False, normalization: str = "mean"):
         super().__init__()
         layers = (layers,) if isinstance(layers, str) else tuple(layers)
         if not layers:
@@ -269,6 +330,18 @@ class PDLLoss(nn.Module):
         if isinstance(p, bool) or p not in (1, 2):
             raise ValueError(f"PDLLoss: p must be 1 or 2, got {p!r}")
         _backend.requested(backend, "PDLLoss")
+        _check_convention(root, normalization, "PDLLoss")
+        if num_projections is not None and (isinstance(num_projections, bool) or not isinstance(num_projections, int)
+                                            or num_projections < 1):
+            raise ValueError(f"PDLLoss: num_projections must be None or an int >= 1, got {num_projections!r}")
+        if projection == "rpp" and num_projections is not None and extractor in ("vgg16", "vgg19"):
+            from .features import _layout
+
+            channels = {name: cout for name, _, _, cout in _layout(extractor)}
+            for name in layers:
+                if name in channels:  # an unknown name is the extractor's error, below
+                    _check_rpp(num_projections, channels[name], f"PDLLoss: projection 'rpp' on {name}")
+        self.root, self.normalization = root, normalization
         self.layers = layers
         self.layer_weights = tuple(float(w) for w in layer_weights)
         self.weight, self.pixel_weight = float(weight), float(pixel_weight)
@@ -320,5 +393,6 @@ class PDLLoss(nn.Module):
         for i, (name, w) in enumerate(zip(self.layers, self.layer_weights)):
             m = self._matrix(i, fu[name].shape[1], fu[name].device)
             loss = loss + self.weight * w * pdl(project(fu[name], m), project(fv[name], m), p=self.p,
-                                                 backend=self.backend)
+                                                 backend=self.backend, root=self.root,
+                                                 normalization=self.normalization)
         return loss
