@@ -147,3 +147,38 @@ def test_bad_formula():
     x = torch.rand(1, 3, 12, 12)
     with pytest.raises(ValueError, match="mdf_reference: formula must be"):
         fastloss.mdf.mdf_reference(x, x, random_set(), scales=2, formula=None)
+
+
+# ---------------------------------------------------------------------------- issue 12: the Triton slope
+@pytest.mark.skipif(not _backend.status("triton")[0], reason="triton cannot run here")
+@pytest.mark.parametrize("dtype,acc", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                       (torch.bfloat16, torch.float32)])
+def test_triton_slope_travels_as_an_acc_dtype_tensor(dtype, acc, monkeypatch):
+    # A Python float argument is an fp32 scalar to Triton on a GPU (0.2 -> 0.20000000298), which puts
+    # float64 MDF ~1e-8 off; the interpreter computes in float64 whatever it is given, so the check
+    # here is on what the kernel receives, plus the float64 value with a slope fp32 cannot hold.
+    from fastloss.kernels import mdf as triton_mdf
+
+    real = triton_mdf._bias_lrelu_kernel
+    seen = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(args)
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(triton_mdf, "_bias_lrelu_kernel", Spy())
+    slope = 0.1 + 2.0 ** -40  # not representable in float32
+    y = torch.randn(2, 5, 4, 6, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64)
+    ref = F.leaky_relu(y + b.view(1, -1, 1, 1), slope)
+    out = triton_mdf.bias_leaky_relu_(y.to(dtype), b.to(dtype), slope)
+    (args,) = seen
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    assert not any(isinstance(a, float) for a in args), "the slope must not reach Triton as a Python float"
+    slope_arg = [t for t in tensors if t.numel() == 1]
+    assert len(slope_arg) == 1 and slope_arg[0].dtype == acc and slope_arg[0].item() == float(torch.tensor(slope, dtype=acc))
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
