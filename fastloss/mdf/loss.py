@@ -314,9 +314,34 @@ def _mkldnn_pointwise_ok():
     return _MKLDNN_POINTWISE[0]
 
 
+_MKLDNN_BF16 = [None]  # whether oneDNN runs those fused convolutions in bfloat16 here (checked once)
+
+
+def _mkldnn_bf16_ok():
+    if _MKLDNN_BF16[0] is None:
+        ok = False
+        try:
+            if _mkldnn_pointwise_ok() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                x = torch.randn(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+                w, b = torch.randn(4, 3, 3, 3), torch.randn(4)
+                y = torch.ops.mkldnn._convolution_pointwise(x.bfloat16(), w.bfloat16(), b.bfloat16(), [0, 0], [1, 1],
+                                                            [1, 1], 1, "leaky_relu", [0.2], "")
+                ok = y.dtype == torch.bfloat16 and bool(torch.allclose(
+                    y.float(), F.leaky_relu(F.conv2d(x, w, b), 0.2), atol=0.1, rtol=0.05))
+        except Exception:  # noqa: BLE001 - an optional fusion; the fallback is exact
+            ok = False
+        _MKLDNN_BF16[0] = ok
+    return _MKLDNN_BF16[0]
+
+
 def _fused(t: Tensor, backend: str) -> bool:
-    """Whether oneDNN's fused convolutions run this tensor (CPU float32, backend ``cpu``)."""
-    return backend == "cpu" and t.device.type == "cpu" and t.dtype == torch.float32 and _mkldnn_pointwise_ok()
+    """Whether oneDNN's fused convolutions run this tensor (CPU float32, or bfloat16 where oneDNN
+    has it, backend ``cpu``)."""
+    if backend != "cpu" or t.device.type != "cpu":
+        return False
+    if t.dtype == torch.bfloat16:
+        return _mkldnn_bf16_ok()
+    return t.dtype == torch.float32 and _mkldnn_pointwise_ok()
 
 
 def _conv_lrelu(x: Tensor, w: Tensor, b: Tensor, groups: int, slope: float, backend: str) -> Tensor:
@@ -372,9 +397,9 @@ def _check_params(params, unit_sizes):
 
 
 def _no_autocast(device):
-    """The fast path runs in the input's dtype whatever autocast asks: under autocast some of its
-    convolutions (the fused oneDNN ones) would stay in float32 and others not, and its kernels take
-    one dtype; a loss computed in float32 is what autocast asks of losses anyway."""
+    """Inside the fast path autocast is off: under it some of its convolutions (the fused oneDNN
+    ones) would stay in float32 and others not, and its kernels take one dtype. ``MDFLoss`` reads
+    autocast instead: a bfloat16 autocast region picks the bfloat16 compute dtype (``_compute_dtype``)."""
     return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext()
 
 
@@ -409,6 +434,8 @@ def mdf_forward(pred: Tensor, target: Tensor, params: List[Tensor], unit_sizes: 
     B, _, H, W = pred.shape
     rows = 2 * B if target_grad else B
     cdt = params[0].dtype
+    if cdt == torch.bfloat16 and pred.dtype != torch.bfloat16:
+        return _delta_forward(pred, target, params, unit_sizes, slope, need_grad, target_grad, paper)
     with torch.no_grad(), _no_autocast(pred.device):
         z = torch.cat([pred, target]).to(cdt).contiguous(memory_format=torch.channels_last)  # [2B, 3, H, W]
         h = _conv_lrelu(z, params[0], params[1], 1, slope, backend)  # [2B, S, H-2, W-2], every head
@@ -443,6 +470,74 @@ def mdf_forward(pred: Tensor, target: Tensor, params: List[Tensor], unit_sizes: 
     if not need_grad:
         return loss, []
     return loss, [diffs[0], mask_head] + diffs[1:] + masks
+
+
+def _delta_forward(pred, target, params, unit_sizes, slope, need_grad, target_grad, paper):
+    """``mdf_forward`` in a low compute dtype (bfloat16) for higher-precision inputs. The batch is
+    [pred - target; target], not [pred; target]: each bias-free convolution maps it to
+    [du; u_t - b] (a convolution is linear), and the LeakyReLU step, in float32, forms
+    u_t = . + b, u_p = u_t + du, a_t = LReLU(u_t) and da = LReLU(u_p) - a_t. So the rounding to
+    bfloat16 is relative to each feature difference da itself, not to the features: computing
+    pred's and target's features separately in bfloat16 and subtracting them puts errors of
+    2^-9 |F| into differences that can be 100 times smaller than |F|. The masks are u_p > 0 (and
+    u_t > 0 for the target rows), the saved diffs da rounded once, so ``mdf_backward`` is unchanged.
+    The reductions are float32 sums of da^2."""
+    B, _, H, W = pred.shape
+    cdt, cl = params[0].dtype, torch.channels_last
+    with torch.no_grad(), _no_autocast(pred.device):
+        p32, t32 = pred.float(), target.float()
+        a = torch.cat([p32 - t32, t32]).to(cdt).contiguous(memory_format=cl)  # [2B, 3, H, W]: [dz; z_t]
+        del p32, t32
+
+        def step(a, w, b, groups, keep):
+            u = F.conv2d(a, w, None, groups=groups)                             # [du; u_t - b], compute dtype
+            ut = u[B:].float() + b.float().view(1, -1, 1, 1)
+            up = ut + u[:B].float()
+            mask = (torch.cat([up > 0, ut > 0]) if target_grad else up > 0) if need_grad else None
+            at = F.leaky_relu(ut, slope)
+            da = F.leaky_relu_(up, slope).sub_(at)                              # float32
+            nxt = torch.cat([da.to(cdt), at.to(cdt)]).contiguous(memory_format=cl) if keep else None
+            return da, nxt, mask
+
+        units, per_channel = _unit_layout(params, unit_sizes)
+        if paper:
+            chan_w = _sum_weights(units, params[0].shape[0], pred.device, cdt)
+        else:
+            chan_w = _chan_weights(units, per_channel, _spatial(H, W), pred.device, cdt)
+        loss = torch.zeros(B, dtype=torch.float32, device=pred.device)
+        diffs_head, diffs_body, diffs_tail, masks = None, [], [], []
+
+        def add(da, w):  # loss[b] += sum_c w[c] sum_hw da^2, in float32
+            nonlocal loss
+            loss = loss + (da.square() * w.float().view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+            return da.to(cdt).contiguous(memory_format=_sample_layout(da)) if need_grad else None
+
+        dh, h, mask_head = step(a, params[0], params[1], 1, True)               # [B, S, H-2, W-2]
+        del a
+        diffs_head = add(dh, chan_w[0])
+        del dh
+        start, wi = 0, 1
+        for u, (k, n) in enumerate(units):
+            w1, b1, w2, b2, w3, b3, wt, bt = params[2 + 8 * u: 10 + 8 * u]
+            a = h[:, start:start + k * n]
+            start += k * n
+            for j, (w_, b_) in enumerate(((w1, b1), (w2, b2), (w3, b3))):
+                da, a, m = step(a, w_, b_, k, True)
+                masks += [m] if need_grad else []
+                if paper:
+                    diffs_body.append(add(da, chan_w[wi]))
+                    wi += 1
+                elif j == 2:
+                    diffs_body.append(add(da, chan_w[1 + u]))
+                del da
+            if not paper:
+                dt = F.conv2d(a[:B], wt, None, groups=k).float()                # tail difference (linear)
+                diffs_tail.append(add(dt, chan_w[1 + len(units) + u]))
+            del a
+        del h
+    if not need_grad:
+        return loss, []
+    return loss, [diffs_head, mask_head] + diffs_body + diffs_tail + masks
 
 
 @mdf_forward.register_fake
@@ -600,13 +695,28 @@ class MDFLoss(nn.Module):
     the CPU, where oneDNN's grouped convolutions measured slower than separate ones (BENCHMARKS.md).
     The discriminators are frozen; gradients flow to ``pred`` (and to ``target`` if it requires
     grad). Inputs follow the input's device and dtype: the folded weights are cached per device.
+
+    ``compute_dtype``: ``None`` (default) computes in the input's dtype, or in bfloat16 inside a
+    ``torch.autocast(dtype=torch.bfloat16)`` region of the input's device type (float32 / float16
+    inputs); ``torch.bfloat16`` always. In bfloat16 the folded convolutions (forward and transposed)
+    run in bfloat16, channels_last (oneDNN's fused kernels on the ``cpu`` backend where the CPU has
+    bfloat16), BatchNorm folded in float64 and rounded once; the differences pred - target are formed
+    and the reductions accumulated in float32 (float64 on the ``cpu`` backend) from the bfloat16
+    features; the loss and the gradients come back in the input's dtype. Tested within 2e-2 of the
+    float32 result, loss and input gradient in norm; its error is relative to the features, not to
+    their difference, so it grows as pred approaches target. The ``reference`` backend given a
+    compute dtype runs under ``torch.autocast`` in it.
     """
 
     def __init__(self, weights="denoise", scales: int = 8, ascending: bool = True, backend: str = "auto",
-                 grouped: Optional[bool] = None, formula: str = "published"):
+                 grouped: Optional[bool] = None, formula: str = "published",
+                 compute_dtype: Optional[torch.dtype] = None):
         super().__init__()
         _backend.requested(backend, "MDFLoss")
         self.formula = _check_formula(formula, "MDFLoss")
+        if compute_dtype not in (None, torch.bfloat16):
+            raise ValueError(f"MDFLoss: compute_dtype must be None or torch.bfloat16, got {compute_dtype!r}")
+        self.compute_dtype = compute_dtype
         self.weights = load(weights)
         ascending = _check_ascending(ascending, "MDFLoss")
         self.indices = select(len(self.weights), scales, ascending)
@@ -620,7 +730,7 @@ class MDFLoss(nn.Module):
 
     def extra_repr(self):
         return (f"scales={self.scales}, ascending={self.ascending}, widths={self.widths}, backend={self.backend!r}, "
-                f"formula={self.formula!r}, source={self.weights.source!r}")
+                f"formula={self.formula!r}, compute_dtype={self.compute_dtype}, source={self.weights.source!r}")
 
     def _cached(self, key, make):
         # no lock: two threads racing here both build the same tensors and one result is kept
@@ -641,6 +751,17 @@ class MDFLoss(nn.Module):
             return p, sizes
         return self._cached(("fast", device, dtype, grouped), make)
 
+    def _compute_dtype(self, pred: Tensor) -> torch.dtype:
+        """The fast path's dtype: ``compute_dtype``, else bfloat16 in a bfloat16 autocast region
+        (float64 inputs excepted, as autocast leaves them), else the input's."""
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        dev = pred.device.type
+        if (pred.dtype != torch.float64 and dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
+                and torch.get_autocast_dtype(dev) == torch.bfloat16):
+            return torch.bfloat16
+        return pred.dtype
+
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         _check_images(pred, target)
         if _half_on_cpu_backend(self.backend, pred.device, pred.dtype):
@@ -650,10 +771,12 @@ class MDFLoss(nn.Module):
             return self.forward(pred.float(), target.float()).to(pred.dtype)
         name = _backend.resolve(_OP, self.backend, pred.device, pred.dtype, dtypes=_DTYPES)
         if name == "reference":
-            return _reference_loss(pred, target, self.reference_discriminators(pred.device, pred.dtype),
-                                   self.weights.eps, self.weights.negative_slope, self.formula)
+            with (torch.autocast(pred.device.type, dtype=self.compute_dtype) if self.compute_dtype is not None
+                  else contextlib.nullcontext()):
+                return _reference_loss(pred, target, self.reference_discriminators(pred.device, pred.dtype),
+                                       self.weights.eps, self.weights.negative_slope, self.formula)
         grouped = self.grouped if self.grouped is not None else pred.device.type == "cuda"
-        params, unit_sizes = self.params(pred.device, pred.dtype, grouped)
+        params, unit_sizes = self.params(pred.device, self._compute_dtype(pred), grouped)
         grad_on = torch.is_grad_enabled()
         target_grad = grad_on and target.requires_grad
         need_grad = grad_on and (pred.requires_grad or target_grad)
