@@ -140,3 +140,15 @@ def test_bfloat16_reference_runs_under_autocast():
 def test_bad_compute_dtype():
     with pytest.raises(ValueError, match="MDFLoss: compute_dtype must be None or torch.bfloat16, got torch.float16"):
         fastloss.MDFLoss(random_set(), scales=2, compute_dtype=torch.float16)
+
+
+@requires_cpu
+def test_cpu_leaky_relu_backward_bfloat16_keeps_the_slope_in_float32():
+    from fastloss import _ext
+
+    g = torch.randn(2, 5, 7, 9).bfloat16().contiguous(memory_format=torch.channels_last)
+    m = (torch.randn(2, 5, 7, 9) > 0).contiguous(memory_format=torch.channels_last)
+    slope = 0.2  # bf16(0.2) = 0.2001953125: a factor rounded to bfloat16 would be 0.1% off
+    out = g.clone()
+    _ext.load("_C")[0].mdf_leaky_relu_backward_(out, m, slope)
+    assert torch.equal(out, torch.where(m, g.float(), g.float() * slope).bfloat16())
