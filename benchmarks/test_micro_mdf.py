@@ -71,7 +71,7 @@ def _fused_features(backend):
         params, unit_sizes = crit.params(pred.device, pred.dtype, grouped)
         need_grad = torch.is_grad_enabled() and pred.requires_grad
         return torch.ops.fastloss.mdf_forward(pred, target, params, unit_sizes, crit.weights.negative_slope,
-                                              need_grad, False, backend)[0]
+                                              need_grad, False, backend, False)[0]
     return fn
 
 

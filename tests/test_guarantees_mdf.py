@@ -371,8 +371,11 @@ def test_mdf_under_cpu_autocast_bfloat16(backend):
     if backend == "reference":  # the published order of operations, convolutions in bfloat16
         assert abs(v.item() / fv.item() - 1) <= AUTOCAST_RTOL
         assert _norm_rel(gx, fgx) <= AUTOCAST_GRAD_RTOL
-    else:  # the fast path computes in the input dtype whatever autocast asks: the float32 result
-        assert torch.equal(v, fv) and torch.equal(gx, fgx) and torch.equal(gy, fgy)
+    else:  # the fast path honours autocast: bit for bit its compute_dtype=torch.bfloat16 result
+        b16 = fastloss.MDFLoss(scales=2 if backend == "triton" else 8, backend=backend, compute_dtype=torch.bfloat16)
+        bv, bgx, bgy = _value_and_grads(b16, x, y)
+        assert torch.equal(v, bv) and torch.equal(gx, bgx) and torch.equal(gy, bgy)
+        assert not torch.equal(v, fv) and abs(v.item() / fv.item() - 1) <= AUTOCAST_RTOL
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -56,3 +56,35 @@ def test_default_loss_needs_no_file(x):
     loss = crit(y, x.flip(-1))
     loss.backward()
     assert loss.item() > 0 and torch.isfinite(y.grad).all()
+
+
+# ---------------------------------------------------------------------------- the comparison's tools (issue 15)
+def test_spearman_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(16, generator=g).tolist(), torch.rand(16, generator=g).tolist()
+    b[3] = b[5]  # a tie
+    assert abs(S.spearman(a, b) - stats.spearmanr(a, b).statistic) < 1e-12
+    assert S.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert S.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("kind", S.EQUAL_PSNR)
+def test_equal_psnr_distortions_hit_their_target(x, kind):
+    img = x[:1, :, :32, :32]
+    for target in (25.0, 35.0):
+        y = S.equal_psnr(img, kind, target)
+        assert y.shape == img.shape
+        if kind == "jpeg" and target == 35.0:  # past what Pillow's 4:2:0 JPEG reaches on this scene: its best
+            assert S.psnr(y, img) >= S.psnr(S.jpeg(img, 95), img)
+        else:
+            assert abs(S.psnr(y, img) - target) <= (3.0 if kind == "jpeg" else 0.05), (kind, target, S.psnr(y, img))
+
+
+def test_distortion_grid_worsens_within_each_family(x):
+    img = x[:1, :, :32, :32]
+    grid = S.distortion_grid(img)
+    assert len(grid) == len(S.NOISE_GRID) + len(S.JPEG_GRID) + len(S.BLUR_GRID) == 16
+    for family in ("noise", "jpeg", "blur"):
+        p = [S.psnr(d, img) for label, d in grid if label.startswith(family)]
+        assert all(b < a for a, b in zip(p, p[1:])), (family, p)

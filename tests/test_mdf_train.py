@@ -94,3 +94,94 @@ def test_command_line_entry_point(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "it/s" in proc.stderr or "s/it" in proc.stderr  # the tqdm progress bar
     assert fastloss.mdf.load(out).widths == (4, 4)
+
+
+# ---------------------------------------------------------------------------- the paper's recipe (issue 15)
+def _png(path, h, w, seed):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    img = torch.stack([yy, xx, (yy * xx + 0.2 * torch.rand(h, w, generator=g)).clamp(0, 1)], -1)
+    Image.fromarray((img * 255).round().to(torch.uint8).numpy()).save(path)
+    return str(path)
+
+
+def test_help_shows_the_presets_and_lanczos():
+    proc = subprocess.run([sys.executable, "-m", "fastloss.mdf.train", "--help"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0
+    out = " ".join(proc.stdout.split())
+    assert "--preset {paper}" in out and "lanczos" in out
+    # --help says what the preset sets, every option of it
+    for key, value in train.PRESETS["paper"].items():
+        flag = "--" + key.replace("_", "-")
+        assert (flag if value is True else f"{flag} {value}") in out, flag
+
+
+def test_paper_preset_sets_the_recipe_and_flags_still_win(tmp_path, capsys):
+    seed = _png(tmp_path / "s.png", 26, 30, 0)
+    out = tmp_path / "p.safetensors"
+    # the preset asks for K = 8 at the seed's own size; 26 px allows 2 levels at rho = 2 (26, 13)
+    args = ["--seed-image", seed, "--task", "denoise", "--out", str(out), "--preset", "paper", "--iters", "2",
+            "--width", "4", "--threads", "1", "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "26 x 30" in err and "below the 11 x 11" in err and "--fit-scales (trains 2)" in err
+    assert train.main(args + ["--fit-scales"]) == 0
+    printed = capsys.readouterr().out
+    assert "training K = 2 scales instead of 8" in printed
+    meta = fastloss.mdf.load(out).metadata
+    o = meta["options"]
+    assert o["preset"] == "paper" and o["scales"] == 2 and o["scales_requested"] == 8
+    assert (o["scale_factor"], o["resample"], o["alpha"], o["distortion_as_noise"], o["first_input"], o["max_size"]) \
+        == (0.5, "lanczos", 100.0, True, "seed", 0)
+    assert o["iters"] == 2  # given on the command line: wins over the preset's 3000
+    assert meta["sizes"] == [[13, 15], [26, 30]]
+    assert [p["noise_amp"] for p in meta["per_scale"]] == [0.0, 0.0]  # the distortion is the only noise
+
+
+def test_rho_and_resample(tmp_path):
+    x = torch.rand(1, 3, 40, 36, generator=torch.Generator().manual_seed(1))
+    lz = train._resize(x, (20, 18), "lanczos")
+    bc = train._resize(x, (20, 18), "bicubic")
+    assert lz.shape == bc.shape == (1, 3, 20, 18) and lz.dtype == x.dtype
+    assert not torch.allclose(lz, bc, atol=1e-3)                       # a different filter
+    assert (lz.mean((2, 3)) - x.mean((2, 3))).abs().max() < 0.02      # both keep the local means
+    flat = torch.full((1, 3, 40, 36), 0.3)
+    torch.testing.assert_close(train._resize(flat, (20, 18), "lanczos"), torch.full((1, 3, 20, 18), 0.3))
+    seed = _png(tmp_path / "s.png", 24, 24, 2)
+    out = tmp_path / "r.safetensors"
+    assert train.main(["--seed-image", seed, "--task", "sisr", "--out", str(out), "--rho", "2", "--scales", "2",
+                       "--resample", "lanczos", "--iters", "1", "--width", "4", "--max-size", "0", "--threads", "1",
+                       "--no-progress"]) == 0
+    meta = fastloss.mdf.load(out).metadata
+    assert meta["options"]["scale_factor"] == 0.5 and meta["sizes"] == [[12, 12], [24, 24]]
+
+
+def test_first_input_and_distortion_as_noise():
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(1, 3, 16, 16, generator=g)
+    opts = {"task": "sisr", "seed": 0, "width": 4, "max_width": 4, "iters": 1, "d_steps": 1, "g_steps": 1,
+            "lr": 5e-4, "alpha": 10.0, "gp_weight": 0.1, "noise_amp": 0.1, "first_input": "seed",
+            "distortion_as_noise": True}
+    t = train._Trainer(opts, [[(12, 12), (16, 16)]], [real])
+    t.train_scale(0)
+    # the first scale's input is the downsampled seed (plus the distortion: none for sisr), not zeros
+    assert torch.equal(t._prev(0, rec=False), t.reals[0][0])
+    assert t.noise_amps == [0.0]                 # sisr: z^k = 0 and no SinGAN noise
+    t2 = train._Trainer(dict(opts, task="denoise"), [[(12, 12), (16, 16)]], [real])
+    x0 = t2._first_input(0, rec=False)
+    assert 0 < (x0 - t2.reals[0][0]).abs().mean() < 0.5  # seed + Gaussian noise
+    t3 = train._Trainer(dict(opts, first_input="zeros", distortion_as_noise=False), [[(12, 12), (16, 16)]], [real])
+    assert torch.equal(t3._prev(0, rec=False), torch.zeros_like(t3.reals[0][0]))
+
+
+def test_several_seed_images(tmp_path):
+    seeds = [_png(tmp_path / "a.png", 20, 20, 3), _png(tmp_path / "b.png", 24, 18, 4)]
+    out = tmp_path / "m.safetensors"
+    assert train.main(["--seed-image", *seeds, "--task", "jpeg", "--out", str(out)] + TINY) == 0
+    meta = fastloss.mdf.load(out).metadata
+    assert [s["file"] for s in meta["seed_images"]] == ["a.png", "b.png"]
+    assert len({s["sha256"] for s in meta["seed_images"]}) == 2 and meta["seed_image_sha256"] == meta["seed_images"][0]["sha256"]

@@ -27,7 +27,7 @@ for x in ("fp32", "fp64", "fp16", "bf16"):
     sig = {"desc_ptr": "*i64", "grad_ptr": "*" + acc, "M": "i32",
            "X_DTYPE": "constexpr", "ACC_DTYPE": "constexpr", "BLOCK": "constexpr"}
     assert "cubin" in triton.compile(ASTSource(K._mdf_bwd_kernel, sig, const), target=target).asm
-    sig = {"y_ptr": "*" + x, "b_ptr": "*" + x, "total": "i64", "C": "i32", "cdiv": "i32", "slope": "fp32",
+    sig = {"y_ptr": "*" + x, "b_ptr": "*" + x, "slope_ptr": "*" + acc, "total": "i64", "C": "i32", "cdiv": "i32",
            "ACC_DTYPE": "constexpr", "BLOCK": "constexpr"}
     const = {"ACC_DTYPE": TL[acc], "BLOCK": 1024}
     assert "cubin" in triton.compile(ASTSource(K._bias_lrelu_kernel, sig, const), target=target).asm

@@ -226,12 +226,21 @@ void mdf_leaky_relu_backward_(at::Tensor& g, const at::Tensor& mask, double slop
   const auto cl = at::MemoryFormat::ChannelsLast;
   const bool dense = (g.is_contiguous() && mask.is_contiguous()) ||
                      (g.dim() == 4 && g.is_contiguous(cl) && mask.is_contiguous(cl));
-  if (!dense || !(g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble)) {
+  const bool bf16 = g.scalar_type() == at::kBFloat16;
+  if (!dense || !(g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble || bf16)) {
     g.mul_(at::where(mask, at::ones({}, g.options()), at::full({}, slope, g.options())));
     return;
   }
   const int64_t n = g.numel();
   const uint8_t* mp = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());  // 0 or 1
+  if (bf16) {  // MDFLoss(compute_dtype=bfloat16): the factor in float32, so the slope is not rounded to bf16
+    at::BFloat16* gp = g.data_ptr<at::BFloat16>();
+    const float s = static_cast<float>(slope), rest = 1.0f - s;
+    at::parallel_for(0, n, 1 << 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) gp[i] = static_cast<at::BFloat16>(static_cast<float>(gp[i]) * (s + rest * mp[i]));
+    });
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "mdf_leaky_relu_backward_cpu", [&] {
     scalar_t* gp = g.data_ptr<scalar_t>();
     const scalar_t s = static_cast<scalar_t>(slope), rest = scalar_t(1) - s;

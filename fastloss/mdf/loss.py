@@ -9,7 +9,12 @@ with ``ascending=False``, as the published code picks them) and their three feat
     loss = mean_b  sum_s sum_f  mean_{c,h,w} (F_{s,f}(pred)_b - F_{s,f}(target)_b)^2
 
 on unnormalized (B, 3, H, W) images, H, W >= 11 (every 3x3 conv is unpadded). BatchNorm uses its
-running statistics; the discriminators are frozen.
+running statistics; the discriminators are frozen. That is ``formula="published"``, the published
+code's loss and the default. ``formula="paper"`` is the paper's Eq. 2, the squared L2 distances of
+"the latent embeddings after every ReLU layer", i.e. the four LeakyReLU outputs of each discriminator
+(head, body.block1, block2, block3; no tail), summed rather than averaged:
+
+    loss = mean_b  sum_s sum_{l=1..4}  sum_{c,h,w} (phi_{s,l}(pred)_b - phi_{s,l}(target)_b)^2
 
 Two ways to compute it:
 
@@ -81,17 +86,30 @@ def select(num_discriminators: int, scales: int, ascending: bool) -> List[int]:
 
 
 # --------------------------------------------------------------------------- reference
-def discriminator_features(d: Dict[str, Tensor], x: Tensor, eps: float = 1e-5, slope: float = 0.2) -> List[Tensor]:
-    """[head, body, tail] features of one discriminator, in the published order of operations."""
+FORMULAS = ("published", "paper")
+
+
+def _check_formula(formula, op):
+    if formula not in FORMULAS:
+        raise ValueError(f"{op}: formula must be 'published' or 'paper', got {formula!r}")
+    return formula
+
+
+def discriminator_features(d: Dict[str, Tensor], x: Tensor, eps: float = 1e-5, slope: float = 0.2,
+                           formula: str = "published") -> List[Tensor]:
+    """The features of one discriminator, in the published order of operations: [head, body, tail]
+    (``formula="published"``) or the four LeakyReLU outputs [head, block1, block2, block3] (``"paper"``)."""
     feats = []
+    keep = LAYERS if formula == "paper" else ("head", "body.block3")
     for layer in LAYERS:
         x = F.conv2d(x, d[f"{layer}.conv.weight"], d[f"{layer}.conv.bias"])
         x = F.batch_norm(x, d[f"{layer}.norm.running_mean"], d[f"{layer}.norm.running_var"],
                          d[f"{layer}.norm.weight"], d[f"{layer}.norm.bias"], training=False, eps=eps)
         x = F.leaky_relu(x, slope)
-        if layer in ("head", "body.block3"):
+        if layer in keep:
             feats.append(x)
-    feats.append(F.conv2d(x, d["tail.weight"], d["tail.bias"]))
+    if formula != "paper":
+        feats.append(F.conv2d(x, d["tail.weight"], d["tail.bias"]))
     return feats
 
 
@@ -99,23 +117,27 @@ def _cast(d, device, dtype):
     return {k: v.to(device=device, dtype=dtype) for k, v in d.items()}
 
 
-def mdf_reference(pred: Tensor, target: Tensor, weights, scales: int = 8, ascending: bool = True) -> Tensor:
-    """The published loss: ``mean_b sum_s sum_f mean_chw (F_sf(pred) - F_sf(target))^2``, autograd
+def mdf_reference(pred: Tensor, target: Tensor, weights, scales: int = 8, ascending: bool = True,
+                  formula: str = "published") -> Tensor:
+    """The published loss ``mean_b sum_s sum_f mean_chw (F_sf(pred) - F_sf(target))^2`` (or, with
+    ``formula="paper"``, Eq. 2: ``mean_b sum_s sum_l sum_chw (phi_sl(pred) - phi_sl(target))^2``), autograd
     through plain torch ops; ``weights`` is an ``MDFWeights`` or anything ``fastloss.mdf.load`` takes."""
     _check_images(pred, target, "mdf_reference")
     ascending = _check_ascending(ascending, "mdf_reference")
+    formula = _check_formula(formula, "mdf_reference")
     w = load(weights)
     discs = [_cast(w.discriminators[i], pred.device, pred.dtype) for i in select(len(w), scales, ascending)]
-    return _reference_loss(pred, target, discs, w.eps, w.negative_slope)
+    return _reference_loss(pred, target, discs, w.eps, w.negative_slope, formula)
 
 
-def _reference_loss(pred, target, discs, eps, slope):
+def _reference_loss(pred, target, discs, eps, slope, formula="published"):
+    reduce = torch.sum if formula == "paper" else torch.mean
     loss = torch.zeros(pred.shape[0], device=pred.device, dtype=pred.dtype)
     for d in discs:
-        pxs = discriminator_features(d, pred, eps, slope)
-        pys = discriminator_features(d, target, eps, slope)
+        pxs = discriminator_features(d, pred, eps, slope, formula)
+        pys = discriminator_features(d, target, eps, slope, formula)
         for px, py in zip(pxs, pys):
-            loss = loss + ((px - py) ** 2).mean(dim=(1, 2, 3))
+            loss = loss + reduce((px - py) ** 2, dim=(1, 2, 3))
     return loss.mean()
 
 
@@ -350,9 +372,9 @@ def _check_params(params, unit_sizes):
 
 
 def _no_autocast(device):
-    """The fast path runs in the input's dtype whatever autocast asks: under autocast some of its
-    convolutions (the fused oneDNN ones) would stay in float32 and others not, and its kernels take
-    one dtype; a loss computed in float32 is what autocast asks of losses anyway."""
+    """Inside the fast path autocast is off: under it some of its convolutions (the fused oneDNN
+    ones) would stay in float32 and others not, and its kernels take one dtype. ``MDFLoss`` reads
+    autocast instead: a bfloat16 autocast region picks the bfloat16 compute dtype (``_compute_dtype``)."""
     return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext()
 
 
@@ -361,61 +383,158 @@ def _spatial(H, W):
     return (H - 2, W - 2), (H - 8, W - 8), (H - 10, W - 10)
 
 
+def _sum_weights(units, heads, device, dtype):
+    """Per-channel weights 1 of the head tensor and of each unit's three block tensors (Eq. 2 sums)."""
+    acc = _acc_dtype(dtype)
+    out = [torch.ones((heads,), dtype=acc, device=device)]
+    for k, n in units:
+        out += [torch.ones((k * n,), dtype=acc, device=device)] * 3
+    return out
+
+
 # What mdf_forward keeps for the backward, in this order (U units, rows = B, or 2B with target_grad):
 #   d_head [B, S, H-2, W-2], mask_head [rows, S, H-2, W-2] (bool, head output > 0),
-#   d_body x U [B, kN, H-8, W-8], d_tail x U [B, k, H-10, W-10]       (pred - target, the fused diffs)
+#   published: d_body x U [B, kN, H-8, W-8], d_tail x U [B, k, H-10, W-10]  (pred - target, the fused diffs)
+#   paper:     per unit d_1 [B, kN, H-4, W-4], d_2 [B, kN, H-6, W-6], d_3 [B, kN, H-8, W-8]
 #   per unit: mask_1 [rows, kN, H-4, W-4], mask_2 [rows, kN, H-6, W-6], mask_3 [rows, kN, H-8, W-8]
+# Everything runs in the dtype of ``params`` (the compute dtype: the input's, or bfloat16), the
+# reductions in its accumulation dtype (float32 for bfloat16).
 @torch.library.custom_op("fastloss::mdf_forward", mutates_args=())
 def mdf_forward(pred: Tensor, target: Tensor, params: List[Tensor], unit_sizes: List[int], slope: float,
-                need_grad: bool, target_grad: bool, backend: str) -> Tuple[Tensor, List[Tensor]]:
+                need_grad: bool, target_grad: bool, backend: str, paper: bool) -> Tuple[Tensor, List[Tensor]]:
     """Per-sample MDF loss [B] of pred vs target through the merged, BatchNorm-folded convolutions
-    (``build_params``), and, when ``need_grad``, what the backward needs (see above)."""
+    (``build_params``), the published formula or (``paper``) Eq. 2, and, when ``need_grad``, what the
+    backward needs (see above)."""
     _check_params(params, unit_sizes)
     B, _, H, W = pred.shape
     rows = 2 * B if target_grad else B
+    cdt = params[0].dtype
+    if cdt == torch.bfloat16 and pred.dtype != torch.bfloat16:
+        return _delta_forward(pred, target, params, unit_sizes, slope, need_grad, target_grad, paper)
     with torch.no_grad(), _no_autocast(pred.device):
-        z = torch.cat([pred, target]).contiguous(memory_format=torch.channels_last)  # [2B, 3, H, W]
+        z = torch.cat([pred, target]).to(cdt).contiguous(memory_format=torch.channels_last)  # [2B, 3, H, W]
         h = _conv_lrelu(z, params[0], params[1], 1, slope, backend)  # [2B, S, H-2, W-2], every head
         del z
         units, per_channel = _unit_layout(params, unit_sizes)
-        bodies, tails, masks = [], [], []
+        bodies, tails, blocks, masks = [], [], [], []
         start = 0
         for u, (k, n) in enumerate(units):
             w1, b1, w2, b2, w3, b3, wt, bt = params[2 + 8 * u: 10 + 8 * u]
             a = _conv_lrelu(h[:, start:start + k * n], w1, b1, k, slope, backend)  # [2B, kN, H-4, W-4]
             start += k * n
             m1 = a[:rows] > 0 if need_grad else None
+            blocks += [a] if paper else []  # Eq. 2 keeps every block output; published, only the last
             a = _conv_lrelu(a, w2, b2, k, slope, backend)             # [2B, kN, H-6, W-6]
             m2 = a[:rows] > 0 if need_grad else None
+            blocks += [a] if paper else []
             a = _conv_lrelu(a, w3, b3, k, slope, backend)             # [2B, kN, H-8, W-8], body output
             masks += [m1, m2, a[:rows] > 0] if need_grad else []
-            bodies.append(a)
-            tails.append(F.conv2d(a, wt, bt, groups=k))              # [2B, k, H-10, W-10], tail maps
+            if paper:
+                blocks.append(a)
+            else:
+                bodies.append(a)
+                tails.append(F.conv2d(a, wt, bt, groups=k))          # [2B, k, H-10, W-10], tail maps
             del a
         mask_head = h[:rows] > 0 if need_grad else None
-        chan_w = _chan_weights(units, per_channel, _spatial(H, W), pred.device, pred.dtype)
-        loss, diffs = mdf_sqdiff_forward([h] + bodies + tails, chan_w, B, need_grad, backend)
+        if paper:
+            feats, chan_w = [h] + blocks, _sum_weights(units, h.shape[1], pred.device, cdt)
+        else:
+            feats = [h] + bodies + tails
+            chan_w = _chan_weights(units, per_channel, _spatial(H, W), pred.device, cdt)
+        loss, diffs = mdf_sqdiff_forward(feats, chan_w, B, need_grad, backend)
     if not need_grad:
         return loss, []
     return loss, [diffs[0], mask_head] + diffs[1:] + masks
 
 
-@mdf_forward.register_fake
-def _(pred, target, params, unit_sizes, slope, need_grad, target_grad, backend):
+def _delta_forward(pred, target, params, unit_sizes, slope, need_grad, target_grad, paper):
+    """``mdf_forward`` in a low compute dtype (bfloat16) for higher-precision inputs. The batch is
+    [pred - target; target], not [pred; target]: each bias-free convolution maps it to
+    [du; u_t - b] (a convolution is linear), and the LeakyReLU step, in float32, forms
+    u_t = . + b, u_p = u_t + du, a_t = LReLU(u_t) and da = LReLU(u_p) - a_t. So the rounding to
+    bfloat16 is relative to each feature difference da itself, not to the features: computing
+    pred's and target's features separately in bfloat16 and subtracting them puts errors of
+    2^-9 |F| into differences that can be 100 times smaller than |F|. The masks are u_p > 0 (and
+    u_t > 0 for the target rows), the saved diffs da rounded once, so ``mdf_backward`` is unchanged.
+    The reductions are float32 sums of da^2."""
     B, _, H, W = pred.shape
-    loss = pred.new_empty((B,), dtype=_acc_dtype(pred.dtype))
+    cdt, cl = params[0].dtype, torch.channels_last
+    with torch.no_grad(), _no_autocast(pred.device):
+        p32, t32 = pred.float(), target.float()
+        a = torch.cat([p32 - t32, t32]).to(cdt).contiguous(memory_format=cl)  # [2B, 3, H, W]: [dz; z_t]
+        del p32, t32
+
+        def step(a, w, b, groups, keep):
+            u = F.conv2d(a, w, None, groups=groups)                             # [du; u_t - b], compute dtype
+            ut = u[B:].float() + b.float().view(1, -1, 1, 1)
+            up = ut + u[:B].float()
+            mask = (torch.cat([up > 0, ut > 0]) if target_grad else up > 0) if need_grad else None
+            at = F.leaky_relu(ut, slope)
+            da = F.leaky_relu_(up, slope).sub_(at)                              # float32
+            nxt = torch.cat([da.to(cdt), at.to(cdt)]).contiguous(memory_format=cl) if keep else None
+            return da, nxt, mask
+
+        units, per_channel = _unit_layout(params, unit_sizes)
+        if paper:
+            chan_w = _sum_weights(units, params[0].shape[0], pred.device, cdt)
+        else:
+            chan_w = _chan_weights(units, per_channel, _spatial(H, W), pred.device, cdt)
+        loss = torch.zeros(B, dtype=torch.float32, device=pred.device)
+        diffs_head, diffs_body, diffs_tail, masks = None, [], [], []
+
+        def add(da, w):  # loss[b] += sum_c w[c] sum_hw da^2, in float32
+            nonlocal loss
+            loss = loss + (da.square() * w.float().view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+            return da.to(cdt).contiguous(memory_format=_sample_layout(da)) if need_grad else None
+
+        dh, h, mask_head = step(a, params[0], params[1], 1, True)               # [B, S, H-2, W-2]
+        del a
+        diffs_head = add(dh, chan_w[0])
+        del dh
+        start, wi = 0, 1
+        for u, (k, n) in enumerate(units):
+            w1, b1, w2, b2, w3, b3, wt, bt = params[2 + 8 * u: 10 + 8 * u]
+            a = h[:, start:start + k * n]
+            start += k * n
+            for j, (w_, b_) in enumerate(((w1, b1), (w2, b2), (w3, b3))):
+                da, a, m = step(a, w_, b_, k, True)
+                masks += [m] if need_grad else []
+                if paper:
+                    diffs_body.append(add(da, chan_w[wi]))
+                    wi += 1
+                elif j == 2:
+                    diffs_body.append(add(da, chan_w[1 + u]))
+                del da
+            if not paper:
+                dt = F.conv2d(a[:B], wt, None, groups=k).float()                # tail difference (linear)
+                diffs_tail.append(add(dt, chan_w[1 + len(units) + u]))
+            del a
+        del h
+    if not need_grad:
+        return loss, []
+    return loss, [diffs_head, mask_head] + diffs_body + diffs_tail + masks
+
+
+@mdf_forward.register_fake
+def _(pred, target, params, unit_sizes, slope, need_grad, target_grad, backend, paper):
+    B, _, H, W = pred.shape
+    cdt = params[0].dtype
+    loss = pred.new_empty((B,), dtype=_acc_dtype(cdt))
     if not need_grad:
         return loss, []
     rows = 2 * B if target_grad else B
 
-    def t(shape, dtype=pred.dtype):  # the fast path's tensors are channels_last (contiguous if C == 1)
+    def t(shape, dtype=cdt):  # the fast path's tensors are channels_last (contiguous if C == 1)
         fmt = torch.channels_last if shape[1] > 1 else torch.contiguous_format
         return torch.empty(shape, dtype=dtype, device=pred.device, memory_format=fmt)
 
     S = params[0].shape[0]
     kns = [params[2 + 8 * u].shape[0] for u in range(len(unit_sizes))]
     saved = [t((B, S, H - 2, W - 2)), t((rows, S, H - 2, W - 2), torch.bool)]
-    saved += [t((B, kn, H - 8, W - 8)) for kn in kns] + [t((B, k, H - 10, W - 10)) for k in unit_sizes]
+    if paper:
+        saved += [t((B, kn, H - e, W - e)) for kn in kns for e in (4, 6, 8)]
+    else:
+        saved += [t((B, kn, H - 8, W - 8)) for kn in kns] + [t((B, k, H - 10, W - 10)) for k in unit_sizes]
     for kn in kns:
         saved += [t((rows, kn, H - 4, W - 4), torch.bool), t((rows, kn, H - 6, W - 6), torch.bool),
                   t((rows, kn, H - 8, W - 8), torch.bool)]
@@ -424,21 +543,26 @@ def _(pred, target, params, unit_sizes, slope, need_grad, target_grad, backend):
 
 @torch.library.custom_op("fastloss::mdf_backward", mutates_args=())
 def mdf_backward(grad: Tensor, saved: List[Tensor], params: List[Tensor], unit_sizes: List[int], slope: float,
-                 need_pred: bool, need_target: bool, backend: str) -> Tuple[Tensor, Tensor]:
-    """Gradients of ``sum_b grad[b] loss[b]`` for pred and target (an empty tensor where not needed):
-    the fused reduction writes every feature's gradient from the saved diffs, then transposed
-    convolutions and the saved LeakyReLU masks carry them back through the merged discriminators."""
+                 need_pred: bool, need_target: bool, backend: str, paper: bool) -> Tuple[Tensor, Tensor]:
+    """Gradients of ``sum_b grad[b] loss[b]`` for pred and target (an empty tensor where not needed),
+    in the compute dtype: the fused reduction writes every feature's gradient from the saved diffs,
+    then transposed convolutions and the saved LeakyReLU masks carry them back through the merged
+    discriminators."""
     _check_params(params, unit_sizes)
     U = len(unit_sizes)
+    n_diffs = 3 * U if paper else 2 * U
     d_head, mask_head = saved[0], saved[1]
-    diffs = [d_head] + list(saved[2:2 + 2 * U])
-    masks = saved[2 + 2 * U:]
+    diffs = [d_head] + list(saved[2:2 + n_diffs])
+    masks = saved[2 + n_diffs:]
     B = d_head.shape[0]
-    rows = 2 * B if need_target else B
     units, per_channel = _unit_layout(params, unit_sizes)
+    if paper:
+        chan_w = _sum_weights(units, d_head.shape[1], d_head.device, d_head.dtype)
+    else:
+        chan_w = _chan_weights(units, per_channel, _spatial(d_head.shape[2] + 2, d_head.shape[3] + 2),
+                               d_head.device, d_head.dtype)
     with torch.no_grad(), _no_autocast(grad.device):
-        g_feats = mdf_sqdiff_backward(grad, diffs, _chan_weights(units, per_channel, _spatial(
-            d_head.shape[2] + 2, d_head.shape[3] + 2), d_head.device, d_head.dtype), backend)  # [B, ...] each
+        g_feats = mdf_sqdiff_backward(grad, diffs, chan_w, backend)        # [B, ...] each
         if need_target:
             g_feats = [torch.cat([g, -g]) for g in g_feats]
         gh = g_feats[0]                                                    # [rows, S, H-2, W-2]
@@ -446,11 +570,21 @@ def mdf_backward(grad: Tensor, saved: List[Tensor], params: List[Tensor], unit_s
         for u, (k, n) in enumerate(units):
             w1, _, w2, _, w3, _, wt, _ = params[2 + 8 * u: 10 + 8 * u]
             m1, m2, m3 = masks[3 * u: 3 * u + 3]
-            g = F.conv_transpose2d(g_feats[1 + U + u], wt, groups=k)       # [rows, kN, H-8, W-8]
-            g += g_feats[1 + u]
-            g = _lrelu_backward_(g, m3, slope, backend)
-            g = _lrelu_backward_(F.conv_transpose2d(g, w3, groups=k), m2, slope, backend)
-            g = _lrelu_backward_(F.conv_transpose2d(g, w2, groups=k), m1, slope, backend)
+            if paper:  # each block output's own term joins the gradient flowing back through it
+                g1, g2, g = g_feats[1 + 3 * u: 4 + 3 * u]                  # [rows, kN, H-4 / H-6 / H-8, ...]
+                g = _lrelu_backward_(g, m3, slope, backend)
+                g = F.conv_transpose2d(g, w3, groups=k)
+                g += g2
+                g = _lrelu_backward_(g, m2, slope, backend)
+                g = F.conv_transpose2d(g, w2, groups=k)
+                g += g1
+                g = _lrelu_backward_(g, m1, slope, backend)
+            else:
+                g = F.conv_transpose2d(g_feats[1 + U + u], wt, groups=k)   # [rows, kN, H-8, W-8]
+                g += g_feats[1 + u]
+                g = _lrelu_backward_(g, m3, slope, backend)
+                g = _lrelu_backward_(F.conv_transpose2d(g, w3, groups=k), m2, slope, backend)
+                g = _lrelu_backward_(F.conv_transpose2d(g, w2, groups=k), m1, slope, backend)
             gh[:, start:start + k * n] += F.conv_transpose2d(g, w1, groups=k)
             start += k * n
         gh = _lrelu_backward_(gh, mask_head, slope, backend)
@@ -462,7 +596,7 @@ def mdf_backward(grad: Tensor, saved: List[Tensor], params: List[Tensor], unit_s
 
 
 @mdf_backward.register_fake
-def _(grad, saved, params, unit_sizes, slope, need_pred, need_target, backend):
+def _(grad, saved, params, unit_sizes, slope, need_pred, need_target, backend, paper):
     d = saved[0]
     shape = (d.shape[0], 3, d.shape[2] + 2, d.shape[3] + 2)
 
@@ -479,12 +613,13 @@ _DOUBLE_BACKWARD = ("MDFLoss: double backward (create_graph=True) is not support
 
 
 def _mdf_setup(ctx, inputs, output):
-    pred, target, params, unit_sizes, slope, need_grad, target_grad, backend = inputs
+    pred, target, params, unit_sizes, slope, need_grad, target_grad, backend, paper = inputs
     ctx.save_for_backward(*output[1])
     ctx.mark_non_differentiable(*output[1])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved tensors
-    ctx.params, ctx.unit_sizes, ctx.slope, ctx.backend = params, unit_sizes, slope, backend
+    ctx.params, ctx.unit_sizes, ctx.slope, ctx.backend, ctx.paper = params, unit_sizes, slope, backend, paper
     ctx.target_grad = target_grad
+    ctx.dtypes = pred.dtype, target.dtype  # the gradients leave the compute dtype in these
 
 
 def _mdf_backward(ctx, grad, _saved_grads):
@@ -494,9 +629,10 @@ def _mdf_backward(ctx, grad, _saved_grads):
     saved = list(ctx.saved_tensors)
     if not saved:
         raise RuntimeError("MDFLoss: the forward ran without need_grad; nothing was saved for the backward")
-    gp, gt = mdf_backward(grad, saved, ctx.params, ctx.unit_sizes, ctx.slope, need_pred, need_target, ctx.backend)
-    return ((gp if need_pred else None), (gt if need_target else None), [None] * len(ctx.params), None, None, None,
-            None, None)
+    gp, gt = mdf_backward(grad, saved, ctx.params, ctx.unit_sizes, ctx.slope, need_pred, need_target, ctx.backend,
+                          ctx.paper)
+    return ((gp.to(ctx.dtypes[0]) if need_pred else None), (gt.to(ctx.dtypes[1]) if need_target else None),
+            [None] * len(ctx.params), None, None, None, None, None, None)
 
 
 mdf_forward.register_autograd(_mdf_backward, setup_context=_mdf_setup)
@@ -519,7 +655,9 @@ def _check_ascending(ascending, op):
 
 class MDFLoss(nn.Module):
     """``mean_b sum_s sum_f mean_chw (F_sf(pred) - F_sf(target))^2`` over the first ``scales``
-    discriminators of a set (see the module docstring).
+    discriminators of a set (``formula="published"``, the default), or the paper's Eq. 2,
+    ``mean_b sum_s sum_l sum_chw (phi_sl(pred) - phi_sl(target))^2`` over the four LeakyReLU outputs
+    of each (``formula="paper"``); see the module docstring.
 
     ``weights``: ``"denoise"``, ``"jpeg"`` or ``"sisr"`` (the sets this project trained and ships),
     a path to a file in the project's format, a path to a published ``.pth`` (loaded safely), or an
@@ -532,12 +670,28 @@ class MDFLoss(nn.Module):
     the CPU, where oneDNN's grouped convolutions measured slower than separate ones (BENCHMARKS.md).
     The discriminators are frozen; gradients flow to ``pred`` (and to ``target`` if it requires
     grad). Inputs follow the input's device and dtype: the folded weights are cached per device.
+
+    ``compute_dtype``: ``None`` (default) computes in the input's dtype, or in bfloat16 inside a
+    ``torch.autocast(dtype=torch.bfloat16)`` region of the input's device type (float32 / float16
+    inputs); ``torch.bfloat16`` always. In bfloat16 the folded convolutions (forward and transposed)
+    run in bfloat16, channels_last, BatchNorm folded in float64 and rounded once, on the batch
+    [pred - target; target] (``_delta_forward``): the feature differences are formed and the
+    reductions accumulated in float32, and the rounding is relative to each difference, not to the
+    features. The loss and the gradients come back in the input's dtype. Tested against float32:
+    the loss within 2e-2, input gradients in norm within 2e-2 (paper) / 6e-2 (published: LeakyReLU
+    kink noise, see tests/test_mdf_bf16.py). The ``reference`` backend given a compute dtype runs
+    under ``torch.autocast`` in it.
     """
 
     def __init__(self, weights="denoise", scales: int = 8, ascending: bool = True, backend: str = "auto",
-                 grouped: Optional[bool] = None):
+                 grouped: Optional[bool] = None, formula: str = "published",
+                 compute_dtype: Optional[torch.dtype] = None):
         super().__init__()
         _backend.requested(backend, "MDFLoss")
+        self.formula = _check_formula(formula, "MDFLoss")
+        if compute_dtype not in (None, torch.bfloat16):
+            raise ValueError(f"MDFLoss: compute_dtype must be None or torch.bfloat16, got {compute_dtype!r}")
+        self.compute_dtype = compute_dtype
         self.weights = load(weights)
         ascending = _check_ascending(ascending, "MDFLoss")
         self.indices = select(len(self.weights), scales, ascending)
@@ -551,7 +705,7 @@ class MDFLoss(nn.Module):
 
     def extra_repr(self):
         return (f"scales={self.scales}, ascending={self.ascending}, widths={self.widths}, backend={self.backend!r}, "
-                f"source={self.weights.source!r}")
+                f"formula={self.formula!r}, compute_dtype={self.compute_dtype}, source={self.weights.source!r}")
 
     def _cached(self, key, make):
         # no lock: two threads racing here both build the same tensors and one result is kept
@@ -572,6 +726,17 @@ class MDFLoss(nn.Module):
             return p, sizes
         return self._cached(("fast", device, dtype, grouped), make)
 
+    def _compute_dtype(self, pred: Tensor) -> torch.dtype:
+        """The fast path's dtype: ``compute_dtype``, else bfloat16 in a bfloat16 autocast region
+        (float64 inputs excepted, as autocast leaves them), else the input's."""
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        dev = pred.device.type
+        if (pred.dtype != torch.float64 and dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
+                and torch.get_autocast_dtype(dev) == torch.bfloat16):
+            return torch.bfloat16
+        return pred.dtype
+
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         _check_images(pred, target)
         if _half_on_cpu_backend(self.backend, pred.device, pred.dtype):
@@ -581,13 +746,15 @@ class MDFLoss(nn.Module):
             return self.forward(pred.float(), target.float()).to(pred.dtype)
         name = _backend.resolve(_OP, self.backend, pred.device, pred.dtype, dtypes=_DTYPES)
         if name == "reference":
-            return _reference_loss(pred, target, self.reference_discriminators(pred.device, pred.dtype),
-                                   self.weights.eps, self.weights.negative_slope)
+            with (torch.autocast(pred.device.type, dtype=self.compute_dtype) if self.compute_dtype is not None
+                  else contextlib.nullcontext()):
+                return _reference_loss(pred, target, self.reference_discriminators(pred.device, pred.dtype),
+                                       self.weights.eps, self.weights.negative_slope, self.formula)
         grouped = self.grouped if self.grouped is not None else pred.device.type == "cuda"
-        params, unit_sizes = self.params(pred.device, pred.dtype, grouped)
+        params, unit_sizes = self.params(pred.device, self._compute_dtype(pred), grouped)
         grad_on = torch.is_grad_enabled()
         target_grad = grad_on and target.requires_grad
         need_grad = grad_on and (pred.requires_grad or target_grad)
         loss, _ = mdf_forward(pred, target, params, unit_sizes, self.weights.negative_slope, need_grad,
-                              target_grad, name)
+                              target_grad, name, self.formula == "paper")
         return loss.mean().to(pred.dtype)
