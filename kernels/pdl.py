@@ -26,7 +26,8 @@ at most ``TRITON_MAX_SORT_N`` (8192) elements are sorted inside one program:
 Rows are padded to BLOCK_N (a power of two, at least 2) with key 0xFF..F and index >= N, which
 sort after every real element (a real key never reaches 0xFF..F: NaN is canonical).
 
-Longer rows take the ordering from ``torch.sort(stable=True)`` on the strided data; a Triton
+Longer rows take the ordering from ``torch.sort(stable=True)`` on the data with -0.0 and NaN
+canonicalised as the keys are (``sort_input``; CUDA's radix sort orders bit patterns); a Triton
 kernel then gathers the values in that order and fuses the difference, the reduction and deriv,
 looping over the row in blocks of ``TRITON_LOOP_BLOCK_N``. Both constants are module variables
 so that tests can lower them.
@@ -93,6 +94,16 @@ def _key64(x):
 def _value64(key):
     bits = tl.where((key & 0x8000000000000000) != 0, key & 0x7FFFFFFFFFFFFFFF, ~key)
     return bits.to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _div_rn(x, n):
+    """x / n correctly rounded (IEEE): Triton's fp32 ``/`` compiles to an approximate division on
+    a GPU (div.full.f32), which would break the bit-equality with the CPU op; fp64 ``/`` is IEEE."""
+    if x.dtype == tl.float32:
+        return tl.math.div_rn(x, n.to(tl.float32))
+    else:
+        return x / n.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +174,7 @@ def _store_rank_outputs(d, row, N, offs, mask, w_ptr, deriv_ptr, P: tl.constexpr
     else:
         total = tl.sum(d * d, axis=0)
         tl.store(deriv_ptr + row * N + offs, 2.0 * d, mask=mask)
-    tl.store(w_ptr + row, total / N)
+    tl.store(w_ptr + row, _div_rn(total, N))
 
 
 @triton.jit
@@ -255,7 +266,7 @@ def _pdl_fwd_gather_kernel(
         else:
             acc += d * d
             tl.store(deriv_ptr + row * N + offs, 2.0 * d, mask=mask)
-    tl.store(w_ptr + row, tl.sum(acc, axis=0) / N)
+    tl.store(w_ptr + row, _div_rn(tl.sum(acc, axis=0), N))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,9 +290,9 @@ def _pdl_bwd_kernel(
     c = row - b * C
     g = tl.load(grad_w_ptr + b * grad_w_stride_b + c * grad_w_stride_c)
     if IS_F64:
-        gr = g.to(tl.float64) * (tl.full([], 1.0, tl.float64) / N)
+        gr = g.to(tl.float64) * _div_rn(tl.full([], 1.0, tl.float64), N)
     else:
-        gr = g.to(tl.float32) * (tl.full([], 1.0, tl.float32) / N)
+        gr = g.to(tl.float32) * _div_rn(tl.full([], 1.0, tl.float32), N)  # 1/N as the CPU op rounds it
     for start in range(0, N, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         mask = offs < N
@@ -316,6 +327,14 @@ def _check_device(name, t):
 def _device_guard(t):
     # triton launches on the current CUDA device
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def sort_input(x):
+    """x with -0.0 folded into +0.0 and every NaN made the positive quiet NaN, as the sort keys do:
+    what the torch.sort fallback orders. CUDA's radix sort orders bit patterns, so it would put a
+    negative-sign NaN first and -0.0 before +0.0 (a tie the stable order must keep in index order)."""
+    x = x.masked_fill(x == 0, 0.0)
+    return x.masked_fill(torch.isnan(x), float("nan"))
 
 
 def _next_pow2(n):
@@ -368,9 +387,9 @@ def pdl_forward(pred, target, p, target_grad):
                 num_warps=min(16, max(1, block_n // 256)),
             )
         else:
-            perm.copy_(torch.sort(pred, dim=-1, stable=True).indices)
+            perm.copy_(torch.sort(sort_input(pred), dim=-1, stable=True).indices)
             order_t = perm_t if target_grad else torch.empty((B, C, N), dtype=torch.int32, device=dev)
-            order_t.copy_(torch.sort(target, dim=-1, stable=True).indices)  # [B, C, N] argsort of target rows
+            order_t.copy_(torch.sort(sort_input(target), dim=-1, stable=True).indices)  # [B, C, N] argsort of target rows
             block_n = min(_next_pow2(N), _next_pow2(TRITON_LOOP_BLOCK_N))
             _pdl_fwd_gather_kernel[(B * C,)](
                 pred, target, perm, order_t, w, deriv,
