@@ -14,7 +14,8 @@ The contract (shapes, dtypes, orderings) is the one of the C++ CPU op in csrc/cp
 Ordering. A value's sort key is its bit pattern after folding -0.0 into +0.0 and every NaN into
 the positive quiet NaN, with the sign bit set for positives and all bits flipped for negatives
 (csrc/cpu/radix_sort.h), so that unsigned order equals float order and NaN sorts last. Rows of
-at most ``TRITON_MAX_SORT_N`` (8192) elements are sorted inside one program:
+at most ``TRITON_MAX_SORT_N`` (2048; float64: ``TRITON_MAX_SORT_N_F64``, 512) elements are sorted
+inside one program:
 
 - float32 / float16 / bfloat16 (computed in float32): ``key << 32 | index`` as one uint64 and a
   single ``tl.sort``; the index breaks ties, so the order is stable and the same sort gives both
@@ -43,11 +44,16 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["pdl_forward", "pdl_backward", "TRITON_MAX_SORT_N", "TRITON_LOOP_BLOCK_N"]
+__all__ = ["pdl_forward", "pdl_backward", "TRITON_MAX_SORT_N", "TRITON_MAX_SORT_N_F64", "TRITON_LOOP_BLOCK_N"]
 
-# Longest row one program sorts; past it the ordering comes from torch.sort. 8192 packed uint64
-# keys (64 KiB) per program is what a bitonic network in registers handles well.
-TRITON_MAX_SORT_N = 8192
+# Longest row one program sorts; past it the ordering comes from torch.sort. Compiled ahead of time
+# for sm_80 / sm_90 (benchmarks/gpu_static.py), the in-register bitonic network spilled at 8192 (76-196
+# bytes in float32, 636-708 in float64, issue 13) and took over a minute of JIT for one float64
+# variant; at 2048 float32 spills nothing (80-98 registers, 5-8 s of compile here), while float64's
+# pair network at 2048 needs 150 registers and ~57 s, hence its own, lower cap. Inductor caps its
+# Triton sort at 256 per row for the same reason (pytorch/pytorch#128458).
+TRITON_MAX_SORT_N = 2048
+TRITON_MAX_SORT_N_F64 = 512
 # Block of the loops in the torch.sort fallback and in the backward.
 TRITON_LOOP_BLOCK_N = 1024
 
@@ -71,12 +77,12 @@ def _key32(x):
     bits = tl.where(x == 0.0, tl.zeros_like(bits), bits)
     bits = tl.where(x != x, tl.full(bits.shape, 0x7FC00000, tl.uint32), bits)
     neg = (bits & 0x80000000) != 0
-    return tl.where(neg, ~bits, bits | 0x80000000)
+    return tl.where(neg, bits ^ 0xFFFFFFFF, bits | 0x80000000)  # (xor: Triton 3.6's interpreter overflows on ~)
 
 
 @triton.jit
 def _value32(key):
-    bits = tl.where((key & 0x80000000) != 0, key & 0x7FFFFFFF, ~key)
+    bits = tl.where((key & 0x80000000) != 0, key & 0x7FFFFFFF, key ^ 0xFFFFFFFF)
     return bits.to(tl.float32, bitcast=True)
 
 
@@ -87,12 +93,12 @@ def _key64(x):
     bits = tl.where(x == 0.0, tl.zeros_like(bits), bits)
     bits = tl.where(x != x, tl.full(bits.shape, 0x7FF8000000000000, tl.uint64), bits)
     neg = (bits & 0x8000000000000000) != 0
-    return tl.where(neg, ~bits, bits | 0x8000000000000000)
+    return tl.where(neg, bits ^ 0xFFFFFFFFFFFFFFFF, bits | 0x8000000000000000)
 
 
 @triton.jit
 def _value64(key):
-    bits = tl.where((key & 0x8000000000000000) != 0, key & 0x7FFFFFFFFFFFFFFF, ~key)
+    bits = tl.where((key & 0x8000000000000000) != 0, key & 0x7FFFFFFFFFFFFFFF, key ^ 0xFFFFFFFFFFFFFFFF)
     return bits.to(tl.float64, bitcast=True)
 
 
@@ -375,7 +381,7 @@ def pdl_forward(pred, target, p, target_grad):
         return w, perm, perm_t, deriv
 
     with _device_guard(pred):
-        if N <= TRITON_MAX_SORT_N:
+        if N <= (min(TRITON_MAX_SORT_N, TRITON_MAX_SORT_N_F64) if is_f64 else TRITON_MAX_SORT_N):
             block_n = _next_pow2(N)
             _pdl_fwd_sort_kernel[(B * C,)](
                 pred, target, w, perm, perm_t if target_grad else perm, deriv,
