@@ -155,17 +155,21 @@ def _stream(t):
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
-def _fused_impl(backend, sp, st, dots_p, dots_t, rows, paper, eps):
-    """(loss 0-dim, grad_rows [N, q]): the fused pass; grad_rows[n] = dL/dG'[b, :] + dL/dG'[:, b], b = rows[n]."""
+def _fused_impl(backend, sp, st, dots_p, dots_t, rows, paper, eps, q_live=None):
+    """(loss 0-dim, grad_rows [N, q]): the fused pass; grad_rows[n] = dL/dG'[b, :] + dL/dG'[:, b], b = rows[n].
+
+    ``q_live`` (triton and cuda): a 0-dim int64 device tensor, the set's size, read by the kernels
+    (the set is the leading q_live x q_live block of the [q, q] buffers)."""
     if backend == "cpu":
         return tuple(_ext.load("_C")[0].d2sm_forward(sp, st, dots_p, dots_t, rows, paper, eps))
     if backend == "cuda":
-        return tuple(_ext.load("_C_cuda")[0].d2sm_forward(sp, st, dots_p, dots_t, rows, paper, eps, _stream(sp)))
+        return tuple(_ext.load("_C_cuda")[0].d2sm_forward(sp, st, dots_p, dots_t, rows, paper, eps, _stream(sp),
+                                                          q_live))
     if backend == "triton":
         from .kernels import d2sm as triton_d2sm
 
         with _backend.triton_launch_guard():
-            return tuple(triton_d2sm.d2sm_forward(sp, st, dots_p, dots_t, rows, paper, eps))
+            return tuple(triton_d2sm.d2sm_forward(sp, st, dots_p, dots_t, rows, paper, eps, q_live))
     raise ValueError(f"{_OP}: backend {backend!r} has no fused op")
 
 
@@ -245,6 +249,22 @@ def _insert_side(new, bank, sim, rowsum, slots, q):
     rowsum.index_copy_(0, slots, sim[:, :q].index_select(0, slots).sum(1, dtype=torch.float64))
 
 
+def _insert_side_device(new, bank, sim, rowsum, slots, q):
+    """``_insert_side`` with the set's size q a 0-dim device tensor: the whole [S, S] buffers are
+    updated, entries outside the set masked to 0 (they are 0 already: a slot's row and column
+    are first written when it joins the set), so no shape depends on q and nothing syncs."""
+    inset = torch.arange(bank.shape[0], device=bank.device) < q  # [S] the set after this insertion
+    bank.index_copy_(0, slots, new)
+    m = torch.where(inset, new @ bank.T, 0)  # [N, S] the new rows against the set
+    old = sim.index_select(1, slots)  # [S, N] the entries they replace
+    sim.index_copy_(1, slots, m.T.contiguous())
+    sim.index_copy_(0, slots, m)
+    block = m.index_select(1, slots).triu()  # [N, N]: one product for both entries of a pair
+    sim[slots[:, None], slots[None, :]] = block + block.triu(1).T
+    rowsum += torch.where(inset, (m.T.to(torch.float64) - old.to(torch.float64)).sum(1), 0)
+    rowsum.index_copy_(0, slots, sim.index_select(0, slots).sum(1, dtype=torch.float64))
+
+
 @torch.library.custom_op("fastloss::d2sm_queue_insert", mutates_args=(
     "bank_p", "bank_t", "sim_p", "sim_t", "rowsum_p", "rowsum_t", "filled", "ptr"))
 def _d2sm_queue_insert(new_p: Tensor, new_t: Tensor, bank_p: Tensor, bank_t: Tensor, sim_p: Tensor, sim_t: Tensor,
@@ -254,6 +274,14 @@ def _d2sm_queue_insert(new_p: Tensor, new_t: Tensor, bank_p: Tensor, bank_t: Ten
     q = min(filled + N, S), then ``filled`` = q and ``ptr`` += N (mod S); returns the slots [N]
     int64. Nothing is written when the insertion raises."""
     size, n = bank_p.shape[0], new_p.shape[0]
+    if backend in ("triton", "cuda"):  # fill level and pointer stay on the device: no host sync
+        slots = (ptr + torch.arange(n, device=bank_p.device)) % size
+        q_new = torch.clamp(filled + n, max=size)
+        for new, bank, sim, rowsum in ((new_p, bank_p, sim_p, rowsum_p), (new_t, bank_t, sim_t, rowsum_t)):
+            _insert_side_device(new, bank, sim, rowsum, slots, q_new)
+        filled.copy_(q_new)
+        ptr.copy_((ptr + n) % size)
+        return slots
     start, q = int(ptr), min(int(filled) + n, size)
     slots = (start + torch.arange(n, device=bank_p.device)) % size
     if backend == "cpu":  # both sides at once, one single-threaded mm per thread
@@ -276,7 +304,12 @@ def _(new_p, new_t, bank_p, bank_t, sim_p, sim_t, rowsum_p, rowsum_t, filled, pt
 def _d2sm_queue_forward(x: Tensor, bank: Tensor, sim_p: Tensor, sim_t: Tensor, rowsum_p: Tensor, rowsum_t: Tensor,
                         filled: Tensor, rows: Tensor, mode: str, eps: float, backend: str) -> Tuple[Tensor, Tensor]:
     """``_d2sm_forward`` over the queue's set [0, q), q = ``filled``: (loss 0-dim, grad_x [N, D]).
-    A set of fewer than 2 rows gives a zero loss and a zero gradient."""
+    A set of fewer than 2 rows gives a zero loss and a zero gradient. On triton and cuda the
+    kernels read q from ``filled`` and run over the whole buffers (no host sync)."""
+    if backend in ("triton", "cuda"):
+        loss, grad_rows = _fused_impl(backend, sim_p, sim_t, rowsum_p, rowsum_t, rows, mode == "paper", eps,
+                                      filled)
+        return loss, _rows_combine(backend, grad_rows, bank)
     q = int(filled)
     if q < 2:
         return sim_p.new_zeros(()), bank.new_zeros((rows.shape[0], bank.shape[1]))

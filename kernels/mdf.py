@@ -7,12 +7,14 @@ sample dense in NCHW or NHWC; w_m [C_m] is the weight 1 / (C_f H W) of the featu
     diff_m[b,c,h,w] = X_m[b,c,h,w] - X_m[B+b,c,h,w]           (written by the forward when asked)
     grad_m[b,c,h,w] = g[b] * 2 w_m[c] * diff_m[b,c,h,w]        (the backward, pred half)
 
-The contract is the one of the C++ CPU op in csrc/cpu/mdf.cpp. All tensors go into one launch
-through a descriptor table (int64 [M, 8]: data address, elements per sample, C, channel divisor
-(H*W for NCHW, 1 for NHWC), weight address, output address (diff or gradient), first chunk,
-unused): program (k, b) finds the tensor that owns chunk k, reduces or writes BLOCK elements of
-sample b, and the forward's partial sums [B, K] are added in a fixed order afterwards
-(deterministic, no atomics). float16 / bfloat16 are computed in float32, float64 in float64.
+The contract is the one of the C++ CPU op in csrc/cpu/mdf.cpp. All tensors go into one launch:
+a shape table (int64 [M, 4] on the device: elements per sample, C, channel divisor (H*W for
+NCHW, 1 for NHWC), first chunk), built once per device and shapes and cached, and the addresses
+of the data, the weights and the outputs (diff or gradient) as tuples of kernel arguments, so
+that a call copies nothing from the host. Program (k, b) finds the tensor that owns chunk k,
+reduces or writes BLOCK elements of sample b, and the forward's partial sums [B, K] are added in
+a fixed order afterwards (deterministic, no atomics). float16 / bfloat16 are computed in
+float32, float64 in float64.
 
 ``bias_leaky_relu_(y, b, slope)`` is the fused epilogue of the fast path's convolutions on this
 backend: ``y = LeakyReLU(y + b[c])`` in place, one pass over a convolution output computed
@@ -35,31 +37,42 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float1
 
 @triton.jit
 def _find_tensor(desc_ptr, M, k):
-    """The index m of the tensor whose chunks [desc[m, 6], desc[m+1, 6]) hold chunk k."""
+    """The index m of the tensor whose chunks [desc[m, 3], desc[m+1, 3]) hold chunk k."""
     m_sel = 0
     for m in range(1, M):
-        start = tl.load(desc_ptr + m * 8 + 6)
+        start = tl.load(desc_ptr + m * 4 + 3)
         m_sel = tl.where(k >= start, m, m_sel)
     return m_sel
 
 
 @triton.jit
+def _select(ptrs, m):
+    """ptrs[m] of a tuple of pointers, m a run-time index."""
+    p = ptrs[0]
+    for i in tl.static_range(1, len(ptrs)):
+        if m == i:
+            p = ptrs[i]
+    return p
+
+
+@triton.jit
 def _mdf_fwd_kernel(
-    desc_ptr,                      # [M, 8] int64 descriptor table
+    desc_ptr,                      # [M, 4] int64 shape table: elements per sample, C, cdiv, first chunk
+    xs, ws, outs,                  # M-tuples of pointers: features, weights [C_m], diffs (SAVE_DIFF)
     partial_ptr,                   # [B, K] acc dtype
     M, K, B,
-    X_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, SAVE_DIFF: tl.constexpr, BLOCK: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, SAVE_DIFF: tl.constexpr, BLOCK: tl.constexpr,
 ):
     k = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     m = _find_tensor(desc_ptr, M, k)
-    row = desc_ptr + m * 8
-    x = tl.load(row + 0).to(tl.pointer_type(X_DTYPE))
-    n = tl.load(row + 1)
-    C = tl.load(row + 2)
-    cdiv = tl.load(row + 3)
-    w = tl.load(row + 4).to(tl.pointer_type(ACC_DTYPE))
-    first = tl.load(row + 6)
+    row = desc_ptr + m * 4
+    x = _select(xs, m)
+    n = tl.load(row + 0)
+    C = tl.load(row + 1)
+    cdiv = tl.load(row + 2)
+    w = _select(ws, m)
+    first = tl.load(row + 3)
     offs = (k - first).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     p = tl.load(x + b * n + offs, mask=mask, other=0).to(ACC_DTYPE)
@@ -68,36 +81,37 @@ def _mdf_fwd_kernel(
     wc = tl.load(w + c, mask=mask, other=0)
     d = p - t
     if SAVE_DIFF:
-        out = tl.load(row + 5).to(tl.pointer_type(X_DTYPE))
-        tl.store(out + b * n + offs, d.to(X_DTYPE), mask=mask)
+        out = _select(outs, m)
+        tl.store(out + b * n + offs, d.to(out.dtype.element_ty), mask=mask)
     tl.store(partial_ptr + b * K + k, tl.sum(wc * d * d, axis=0))
 
 
 @triton.jit
 def _mdf_bwd_kernel(
-    desc_ptr,                      # [M, 8] int64 descriptor table of the diffs [B, C, H, W]
+    desc_ptr,                      # [M, 4] int64 shape table of the diffs [B, C, H, W]
+    xs, ws, outs,                  # M-tuples of pointers: diffs, weights [C_m], gradients
     grad_ptr,                      # [B] acc dtype
     M,
-    X_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     k = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     m = _find_tensor(desc_ptr, M, k)
-    row = desc_ptr + m * 8
-    x = tl.load(row + 0).to(tl.pointer_type(X_DTYPE))
-    n = tl.load(row + 1)
-    C = tl.load(row + 2)
-    cdiv = tl.load(row + 3)
-    w = tl.load(row + 4).to(tl.pointer_type(ACC_DTYPE))
-    out = tl.load(row + 5).to(tl.pointer_type(X_DTYPE))
-    first = tl.load(row + 6)
+    row = desc_ptr + m * 4
+    x = _select(xs, m)
+    n = tl.load(row + 0)
+    C = tl.load(row + 1)
+    cdiv = tl.load(row + 2)
+    w = _select(ws, m)
+    out = _select(outs, m)
+    first = tl.load(row + 3)
     offs = (k - first).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     d = tl.load(x + b * n + offs, mask=mask, other=0).to(ACC_DTYPE)
     c = (offs // cdiv) % C
     wc = tl.load(w + c, mask=mask, other=0)
     g2 = 2.0 * tl.load(grad_ptr + b)
-    tl.store(out + b * n + offs, (g2 * wc * d).to(X_DTYPE), mask=mask)
+    tl.store(out + b * n + offs, (g2 * wc * d).to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -182,12 +196,25 @@ def _prepare(feats, chan_w, samples, op):
     return xs, ws, layout, acc
 
 
-def _table(xs, ws, layout, outs, block):
-    rows, first = [], 0
-    for x, w, (n, C, cdiv, _), o in zip(xs, ws, layout, outs):
-        rows.append([x.data_ptr(), n, C, cdiv, w.data_ptr(), o.data_ptr() if o is not None else 0, first, 0])
-        first += triton.cdiv(n, block)
-    return torch.tensor(rows, dtype=torch.int64, device=xs[0].device), first  # [M, 8], K
+# [M, 4] shape tables on the device, built once per (device, shapes, layouts): a table built from
+# a host list on every call would be a host-to-device copy that waits for the host (and cannot be
+# captured in a CUDA graph). The addresses, which change every call, travel as kernel arguments.
+_TABLES = {}
+_TABLES_MAX = 64
+
+
+def _table(xs, layout, block):
+    key = (xs[0].device, block) + tuple(layout)
+    hit = _TABLES.get(key)
+    if hit is None:
+        rows, first = [], 0
+        for n, C, cdiv, _ in layout:
+            rows.append([n, C, cdiv, first])
+            first += triton.cdiv(n, block)
+        if len(_TABLES) >= _TABLES_MAX:
+            _TABLES.clear()
+        hit = _TABLES[key] = (torch.tensor(rows, dtype=torch.int64, device=xs[0].device), first)  # [M, 4], K
+    return hit
 
 
 def _like_samples(xs, layout, batch):
@@ -202,10 +229,10 @@ def mdf_sqdiff_forward(feats, chan_w, batch, save_diff):
     xs, ws, layout, acc = _prepare(feats, chan_w, 2 * batch, "mdf_sqdiff_forward (triton)")
     block = TRITON_BLOCK
     diffs = _like_samples(xs, layout, batch) if save_diff else []
-    desc, K = _table(xs, ws, layout, diffs or [None] * len(xs), block)
+    desc, K = _table(xs, layout, block)
     partial = torch.empty((batch, K), dtype=acc, device=xs[0].device)  # [B, K] per-chunk sums
     with _device_guard(xs[0]):
-        _mdf_fwd_kernel[(K, batch)](desc, partial, len(xs), K, batch, X_DTYPE=_TL_DTYPES[xs[0].dtype],
+        _mdf_fwd_kernel[(K, batch)](desc, tuple(xs), tuple(ws), tuple(diffs or xs), partial, len(xs), K, batch,
                                     ACC_DTYPE=_TL_DTYPES[acc], SAVE_DIFF=bool(save_diff), BLOCK=block)
     return partial.sum(dim=1), diffs
 
@@ -218,9 +245,9 @@ def mdf_sqdiff_backward(grad, diffs, chan_w):
         raise ValueError(f"mdf_sqdiff_backward (triton): grad must have {batch} entries, got {tuple(grad.shape)}")
     outs = _like_samples(xs, layout, batch)
     block = TRITON_BLOCK
-    desc, K = _table(xs, ws, layout, outs, block)
+    desc, K = _table(xs, layout, block)
     g = grad.reshape(batch).to(acc).contiguous()
     with _device_guard(xs[0]):
-        _mdf_bwd_kernel[(K, batch)](desc, g, len(xs), X_DTYPE=_TL_DTYPES[xs[0].dtype], ACC_DTYPE=_TL_DTYPES[acc],
+        _mdf_bwd_kernel[(K, batch)](desc, tuple(xs), tuple(ws), tuple(outs), g, len(xs), ACC_DTYPE=_TL_DTYPES[acc],
                                     BLOCK=block)
     return outs

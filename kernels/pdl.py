@@ -14,19 +14,18 @@ The contract (shapes, dtypes, orderings) is the one of the C++ CPU op in csrc/cp
 Ordering. A value's sort key is its bit pattern after folding -0.0 into +0.0 and every NaN into
 the positive quiet NaN, with the sign bit set for positives and all bits flipped for negatives
 (csrc/cpu/radix_sort.h), so that unsigned order equals float order and NaN sorts last. Rows of
-at most ``TRITON_MAX_SORT_N`` (8192) elements are sorted inside one program:
-
-- float32 / float16 / bfloat16 (computed in float32): ``key << 32 | index`` as one uint64 and a
-  single ``tl.sort``; the index breaks ties, so the order is stable and the same sort gives both
-  the sorted values and the permutation.
-- float64 (computed in float64): the key needs all 64 bits, so (key, index) pairs go through a
-  bitonic network written here that compares the pair lexicographically (stable for the same
-  reason). Target rows whose permutation is not needed sort their keys alone with ``tl.sort``.
+at most ``TRITON_MAX_SORT_N`` (2048) elements of float32 / float16 / bfloat16 (computed in
+float32) are sorted inside one program: ``key << 32 | index`` as one uint64 and a single
+``tl.sort``; the index breaks ties, so the order is stable and the same sort gives both the
+sorted values and the permutation. float64 rows (computed in float64), whose key needs all 64
+bits, always take the torch.sort ordering below: a (key, index) pair network in registers
+spilled and compiled for over a minute (issue 13), and float64 is the validation dtype.
 
 Rows are padded to BLOCK_N (a power of two, at least 2) with key 0xFF..F and index >= N, which
 sort after every real element (a real key never reaches 0xFF..F: NaN is canonical).
 
-Longer rows take the ordering from ``torch.sort(stable=True)`` on the strided data; a Triton
+Longer rows take the ordering from ``torch.sort(stable=True)`` on the data with -0.0 and NaN
+canonicalised as the keys are (``sort_input``; CUDA's radix sort orders bit patterns); a Triton
 kernel then gathers the values in that order and fuses the difference, the reduction and deriv,
 looping over the row in blocks of ``TRITON_LOOP_BLOCK_N``. Both constants are module variables
 so that tests can lower them.
@@ -44,9 +43,14 @@ import triton.language as tl
 
 __all__ = ["pdl_forward", "pdl_backward", "TRITON_MAX_SORT_N", "TRITON_LOOP_BLOCK_N"]
 
-# Longest row one program sorts; past it the ordering comes from torch.sort. 8192 packed uint64
-# keys (64 KiB) per program is what a bitonic network in registers handles well.
-TRITON_MAX_SORT_N = 8192
+# Longest row one program sorts; past it the ordering comes from torch.sort. Compiled ahead of time
+# for sm_80 / sm_90 (benchmarks/gpu_static.py), the in-register bitonic network spilled at 8192 (76-196
+# bytes in float32, 636-708 in float64, issue 13) and took over a minute of JIT for one float64
+# variant; at 2048 float32 spills nothing (80-112 registers); float64's pair network at 2048 needed
+# 150 registers and ~57 s of compile (at 512, 96 registers and over a minute under load), so float64
+# always takes the torch.sort ordering. Inductor caps its Triton sort at 256 per row for the same
+# reason (pytorch/pytorch#128458).
+TRITON_MAX_SORT_N = 2048
 # Block of the loops in the torch.sort fallback and in the backward.
 TRITON_LOOP_BLOCK_N = 1024
 
@@ -70,70 +74,23 @@ def _key32(x):
     bits = tl.where(x == 0.0, tl.zeros_like(bits), bits)
     bits = tl.where(x != x, tl.full(bits.shape, 0x7FC00000, tl.uint32), bits)
     neg = (bits & 0x80000000) != 0
-    return tl.where(neg, ~bits, bits | 0x80000000)
+    return tl.where(neg, bits ^ 0xFFFFFFFF, bits | 0x80000000)  # (xor: Triton 3.6's interpreter overflows on ~)
 
 
 @triton.jit
 def _value32(key):
-    bits = tl.where((key & 0x80000000) != 0, key & 0x7FFFFFFF, ~key)
+    bits = tl.where((key & 0x80000000) != 0, key & 0x7FFFFFFF, key ^ 0xFFFFFFFF)
     return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _key64(x):
-    """float64 -> uint64 key, as _key32."""
-    bits = x.to(tl.uint64, bitcast=True)
-    bits = tl.where(x == 0.0, tl.zeros_like(bits), bits)
-    bits = tl.where(x != x, tl.full(bits.shape, 0x7FF8000000000000, tl.uint64), bits)
-    neg = (bits & 0x8000000000000000) != 0
-    return tl.where(neg, ~bits, bits | 0x8000000000000000)
-
-
-@triton.jit
-def _value64(key):
-    bits = tl.where((key & 0x8000000000000000) != 0, key & 0x7FFFFFFFFFFFFFFF, ~key)
-    return bits.to(tl.float64, bitcast=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# bitonic sort of (uint64 key, int32 index) pairs, lexicographic: the layout of tl.sort (the row
-# reshaped to a [2]*LOG_N hypercube, the partner along an axis found with an xor-reduction),
-# carrying the index along.
-# ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _axis_indicator(LOG_N: tl.constexpr, J: tl.constexpr):
-    # 0 / 1 along the J-th innermost hypercube axis, broadcastable against the hypercube
-    ar = tl.arange(0, 2)
-    return tl.reshape(ar, [1] * (LOG_N - J - 1) + [2] + [1] * J)
-
-
-@triton.jit
-def _pair_compare_and_swap(k, v, flip, J: tl.constexpr, LOG_N: tl.constexpr):
-    AXIS: tl.constexpr = LOG_N - 1 - J
-    ik = k.to(tl.int64, bitcast=True)
-    pk = (ik ^ tl.xor_sum(ik, AXIS, True)).to(tl.uint64, bitcast=True)
-    pv = v ^ tl.xor_sum(v, AXIS, True)
-    is_right = _axis_indicator(LOG_N, J)
-    greater = (k > pk) | ((k == pk) & (v > pv))
-    swap = greater != (flip ^ is_right).to(tl.int1)
-    return tl.where(swap, pk, k), tl.where(swap, pv, v)
-
-
-@triton.jit
-def _sort_pairs(k, v, BLOCK_N: tl.constexpr, LOG_N: tl.constexpr):
-    """Ascending sort of [BLOCK_N] (k uint64, v int32) by (k, v); BLOCK_N = 2**LOG_N >= 2."""
-    hk = tl.reshape(k, [2] * LOG_N)
-    hv = tl.reshape(v, [2] * LOG_N)
-    for stage in tl.static_range(1, LOG_N + 1):
-        if stage < LOG_N:
-            flip = _axis_indicator(LOG_N, stage)
-        else:
-            flip = 0
-        for i in tl.static_range(stage):
-            hk, hv = _pair_compare_and_swap(hk, hv, flip, stage - 1 - i, LOG_N)
-    return tl.reshape(hk, [BLOCK_N]), tl.reshape(hv, [BLOCK_N])
+def _div_rn(x, n):
+    """x / n correctly rounded (IEEE): Triton's fp32 ``/`` compiles to an approximate division on
+    a GPU (div.full.f32), which would break the bit-equality with the CPU op; fp64 ``/`` is IEEE."""
+    if x.dtype == tl.float32:
+        return tl.math.div_rn(x, n.to(tl.float32))
+    else:
+        return x / n.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +120,7 @@ def _store_rank_outputs(d, row, N, offs, mask, w_ptr, deriv_ptr, P: tl.constexpr
     else:
         total = tl.sum(d * d, axis=0)
         tl.store(deriv_ptr + row * N + offs, 2.0 * d, mask=mask)
-    tl.store(w_ptr + row, total / N)
+    tl.store(w_ptr + row, _div_rn(total, N))
 
 
 @triton.jit
@@ -175,39 +132,27 @@ def _pdl_fwd_sort_kernel(
     C, N,
     pred_stride_b, pred_stride_c, pred_stride_n,
     target_stride_b, target_stride_c, target_stride_n,
-    P: tl.constexpr, TARGET_GRAD: tl.constexpr, IS_F64: tl.constexpr,
-    BLOCK_N: tl.constexpr, LOG_N: tl.constexpr,
+    P: tl.constexpr, TARGET_GRAD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # float32 / float16 / bfloat16 inputs, computed in float32
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < N
-    x = _load_row(pred_ptr, row, C, pred_stride_b, pred_stride_c, pred_stride_n, offs, mask, IS_F64)
-    y = _load_row(target_ptr, row, C, target_stride_b, target_stride_c, target_stride_n, offs, mask, IS_F64)
-
-    if IS_F64:
-        pad = tl.full([BLOCK_N], 0xFFFFFFFFFFFFFFFF, tl.uint64)
-        kx, ix = _sort_pairs(tl.where(mask, _key64(x), pad), offs, BLOCK_N, LOG_N)
-        if TARGET_GRAD:
-            ky, iy = _sort_pairs(tl.where(mask, _key64(y), pad), offs, BLOCK_N, LOG_N)
-            tl.store(perm_t_ptr + row * N + offs, iy, mask=mask)
-        else:
-            ky = tl.sort(tl.where(mask, _key64(y), pad))
-        d = _value64(kx) - _value64(ky)
-        _store_rank_outputs(d, row, N, offs, mask, w_ptr, deriv_ptr, P)
+    x = _load_row(pred_ptr, row, C, pred_stride_b, pred_stride_c, pred_stride_n, offs, mask, False)
+    y = _load_row(target_ptr, row, C, target_stride_b, target_stride_c, target_stride_n, offs, mask, False)
+    pad = tl.full([BLOCK_N], 0xFFFFFFFF, tl.uint32)
+    idx = offs.to(tl.uint64)
+    sx = tl.sort((tl.where(mask, _key32(x), pad).to(tl.uint64) << 32) | idx)  # [BLOCK_N] key<<32|index
+    kx = (sx >> 32).to(tl.uint32)
+    ix = (sx & 0xFFFFFFFF).to(tl.int32)
+    if TARGET_GRAD:
+        sy = tl.sort((tl.where(mask, _key32(y), pad).to(tl.uint64) << 32) | idx)
+        ky = (sy >> 32).to(tl.uint32)
+        tl.store(perm_t_ptr + row * N + offs, (sy & 0xFFFFFFFF).to(tl.int32), mask=mask)
     else:
-        pad = tl.full([BLOCK_N], 0xFFFFFFFF, tl.uint32)
-        idx = offs.to(tl.uint64)
-        sx = tl.sort((tl.where(mask, _key32(x), pad).to(tl.uint64) << 32) | idx)  # [BLOCK_N] key<<32|index
-        kx = (sx >> 32).to(tl.uint32)
-        ix = (sx & 0xFFFFFFFF).to(tl.int32)
-        if TARGET_GRAD:
-            sy = tl.sort((tl.where(mask, _key32(y), pad).to(tl.uint64) << 32) | idx)
-            ky = (sy >> 32).to(tl.uint32)
-            tl.store(perm_t_ptr + row * N + offs, (sy & 0xFFFFFFFF).to(tl.int32), mask=mask)
-        else:
-            ky = tl.sort(tl.where(mask, _key32(y), pad))
-        d = _value32(kx) - _value32(ky)
-        _store_rank_outputs(d, row, N, offs, mask, w_ptr, deriv_ptr, P)
+        ky = tl.sort(tl.where(mask, _key32(y), pad))
+    d = _value32(kx) - _value32(ky)
+    _store_rank_outputs(d, row, N, offs, mask, w_ptr, deriv_ptr, P)
     tl.store(perm_ptr + row * N + offs, ix, mask=mask)
 
 
@@ -255,7 +200,7 @@ def _pdl_fwd_gather_kernel(
         else:
             acc += d * d
             tl.store(deriv_ptr + row * N + offs, 2.0 * d, mask=mask)
-    tl.store(w_ptr + row, tl.sum(acc, axis=0) / N)
+    tl.store(w_ptr + row, _div_rn(tl.sum(acc, axis=0), N))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,9 +224,9 @@ def _pdl_bwd_kernel(
     c = row - b * C
     g = tl.load(grad_w_ptr + b * grad_w_stride_b + c * grad_w_stride_c)
     if IS_F64:
-        gr = g.to(tl.float64) * (tl.full([], 1.0, tl.float64) / N)
+        gr = g.to(tl.float64) * _div_rn(tl.full([], 1.0, tl.float64), N)
     else:
-        gr = g.to(tl.float32) * (tl.full([], 1.0, tl.float32) / N)
+        gr = g.to(tl.float32) * _div_rn(tl.full([], 1.0, tl.float32), N)  # 1/N as the CPU op rounds it
     for start in range(0, N, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         mask = offs < N
@@ -316,6 +261,14 @@ def _check_device(name, t):
 def _device_guard(t):
     # triton launches on the current CUDA device
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def sort_input(x):
+    """x with -0.0 folded into +0.0 and every NaN made the positive quiet NaN, as the sort keys do:
+    what the torch.sort fallback orders. CUDA's radix sort orders bit patterns, so it would put a
+    negative-sign NaN first and -0.0 before +0.0 (a tie the stable order must keep in index order)."""
+    x = x.masked_fill(x == 0, 0.0)
+    return x.masked_fill(torch.isnan(x), float("nan"))
 
 
 def _next_pow2(n):
@@ -356,21 +309,20 @@ def pdl_forward(pred, target, p, target_grad):
         return w, perm, perm_t, deriv
 
     with _device_guard(pred):
-        if N <= TRITON_MAX_SORT_N:
+        if N <= TRITON_MAX_SORT_N and not is_f64:
             block_n = _next_pow2(N)
             _pdl_fwd_sort_kernel[(B * C,)](
                 pred, target, w, perm, perm_t if target_grad else perm, deriv,
                 C, N,
                 pred.stride(0), pred.stride(1), pred.stride(2),
                 target.stride(0), target.stride(1), target.stride(2),
-                P=p, TARGET_GRAD=bool(target_grad), IS_F64=is_f64,
-                BLOCK_N=block_n, LOG_N=block_n.bit_length() - 1,
+                P=p, TARGET_GRAD=bool(target_grad), BLOCK_N=block_n,
                 num_warps=min(16, max(1, block_n // 256)),
             )
         else:
-            perm.copy_(torch.sort(pred, dim=-1, stable=True).indices)
+            perm.copy_(torch.sort(sort_input(pred), dim=-1, stable=True).indices)
             order_t = perm_t if target_grad else torch.empty((B, C, N), dtype=torch.int32, device=dev)
-            order_t.copy_(torch.sort(target, dim=-1, stable=True).indices)  # [B, C, N] argsort of target rows
+            order_t.copy_(torch.sort(sort_input(target), dim=-1, stable=True).indices)  # [B, C, N] argsort of target rows
             block_n = min(_next_pow2(N), _next_pow2(TRITON_LOOP_BLOCK_N))
             _pdl_fwd_gather_kernel[(B * C,)](
                 pred, target, perm, order_t, w, deriv,

@@ -97,3 +97,53 @@ def test_queue_on_triton_matches_the_reference_queue():
         lb.backward()
         torch.testing.assert_close(la, lb, rtol=1e-10, atol=1e-15)
         torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_queue_on_triton_fills_from_one_row_and_wraps_against_the_reference(mode):
+    """The fill level and the pointer live on the device and the kernels read the set's size from
+    it: a first call of one row (an empty set: zero loss, zero gradient), then the queue filling up
+    and wrapping, in both modes, against the reference queue step by step."""
+    g = torch.Generator().manual_seed(3)
+    qt = fastloss.D2SMQueue(6, mode=mode, backend="triton").double()
+    qr = fastloss.D2SMQueue(6, mode=mode, backend="reference").double()
+    for step, b in enumerate((1, 1, 2, 3, 2, 4)):  # set sizes 1, 2, 4, 6, 6, 6; slots wrap twice
+        x = torch.randn(b, 5, generator=g, dtype=torch.float64).relu().to(DEVICE)
+        y = torch.randn(b, 5, generator=g, dtype=torch.float64).relu().to(DEVICE)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        la, lb = qt(xa, y), qr(xb, y)
+        la.backward()
+        lb.backward()
+        assert qt.filled == qr.filled and qt.ptr == qr.ptr
+        if step == 0:
+            assert la.item() == 0.0 and torch.equal(xa.grad, torch.zeros_like(xa))
+        torch.testing.assert_close(la, lb, rtol=1e-10, atol=1e-15)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-15)
+    for name in ("pred_sim", "target_sim", "pred_rowsum", "target_rowsum", "pred_queue"):
+        torch.testing.assert_close(getattr(qt, name), getattr(qr, name), rtol=1e-12, atol=1e-14)
+
+
+def test_kernels_read_the_live_set_size_from_the_device():
+    """q_live: the set is the leading q_live x q_live block of larger buffers (what a filling queue
+    passes); outside it the gradient is 0, and rows outside it get zero rows."""
+    sp, st = _sims(7, 4, torch.float64)
+    big_p = torch.full((10, 10), float("nan"), dtype=torch.float64)  # outside the set: never read
+    big_t = big_p.clone()
+    big_p[:7, :7], big_t[:7, :7] = sp, st
+    sp, st, big_p, big_t = (t.to(DEVICE) for t in (sp, st, big_p, big_t))
+    dots_p = torch.zeros(10, dtype=torch.float64, device=DEVICE)
+    dots_t = dots_p.clone()
+    dots_p[:7], dots_t[:7] = sp.sum(1), st.sum(1)
+    for paper in (True, False):
+        loss, grad = triton_d2sm.d2sm_forward(sp, st, dots_p[:7], dots_t[:7], torch.arange(7, device=DEVICE),
+                                              paper, 1e-6)
+        rows = torch.tensor([0, 6, 7, -1], device=DEVICE)
+        q_live = torch.tensor(7, device=DEVICE)
+        loss_b, grad_b = triton_d2sm.d2sm_forward(big_p, big_t, dots_p, dots_t, rows, paper, 1e-6, q_live)
+        torch.testing.assert_close(loss_b, loss, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(grad_b[:2, :7], grad[[0, 6]], rtol=1e-12, atol=1e-15)
+        assert torch.equal(grad_b[:2, 7:], torch.zeros_like(grad_b[:2, 7:]))
+        assert torch.equal(grad_b[2:], torch.zeros_like(grad_b[2:]))  # rows outside the set
+        loss_1, grad_1 = triton_d2sm.d2sm_forward(big_p, big_t, dots_p, dots_t, rows, paper, 1e-6,
+                                                  torch.tensor(1, device=DEVICE))  # one row: no set
+        assert loss_1.item() == 0.0 and torch.equal(grad_1, torch.zeros_like(grad_1))

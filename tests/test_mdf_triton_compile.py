@@ -18,14 +18,15 @@ target = GPUTarget("cuda", 90, 32)
 TL = {"fp32": tl.float32, "fp64": tl.float64, "fp16": tl.float16, "bf16": tl.bfloat16}
 for x in ("fp32", "fp64", "fp16", "bf16"):
     acc = "fp64" if x == "fp64" else "fp32"
+    xs, ws = ("*" + x,) * 3, ("*" + acc,) * 3  # three tensors: tuples of addresses
     for save in (False, True):
-        const = {"X_DTYPE": TL[x], "ACC_DTYPE": TL[acc], "SAVE_DIFF": save, "BLOCK": 1024}
-        sig = {"desc_ptr": "*i64", "partial_ptr": "*" + acc, "M": "i32", "K": "i32", "B": "i32",
-               "X_DTYPE": "constexpr", "ACC_DTYPE": "constexpr", "SAVE_DIFF": "constexpr", "BLOCK": "constexpr"}
+        const = {"ACC_DTYPE": TL[acc], "SAVE_DIFF": save, "BLOCK": 1024}
+        sig = {"desc_ptr": "*i64", "xs": xs, "ws": ws, "outs": xs, "partial_ptr": "*" + acc, "M": "i32",
+               "K": "i32", "B": "i32", "ACC_DTYPE": "constexpr", "SAVE_DIFF": "constexpr", "BLOCK": "constexpr"}
         assert "cubin" in triton.compile(ASTSource(K._mdf_fwd_kernel, sig, const), target=target).asm
-    const = {"X_DTYPE": TL[x], "ACC_DTYPE": TL[acc], "BLOCK": 1024}
-    sig = {"desc_ptr": "*i64", "grad_ptr": "*" + acc, "M": "i32",
-           "X_DTYPE": "constexpr", "ACC_DTYPE": "constexpr", "BLOCK": "constexpr"}
+    const = {"ACC_DTYPE": TL[acc], "BLOCK": 1024}
+    sig = {"desc_ptr": "*i64", "xs": xs, "ws": ws, "outs": xs, "grad_ptr": "*" + acc, "M": "i32",
+           "ACC_DTYPE": "constexpr", "BLOCK": "constexpr"}
     assert "cubin" in triton.compile(ASTSource(K._mdf_bwd_kernel, sig, const), target=target).asm
     sig = {"y_ptr": "*" + x, "b_ptr": "*" + x, "slope_ptr": "*" + acc, "total": "i64", "C": "i32", "cdiv": "i32",
            "ACC_DTYPE": "constexpr", "BLOCK": "constexpr"}

@@ -197,3 +197,44 @@ def test_errors():
     w, perm, perm_t, deriv = pdl.pdl_forward(x, x, 1, False)
     with pytest.raises(ValueError, match="target permutation"):
         pdl.pdl_backward(torch.ones(1, 2, device=DEVICE), perm, perm_t, deriv, True, True, torch.float32)
+
+
+def _neg_nan(dtype):
+    """A NaN with the sign bit set, made from its bits (arithmetic may not give one)."""
+    bits = {torch.float32: (torch.int32, -0x00400000), torch.float64: (torch.int64, -0x0008000000000000),
+            torch.float16: (torch.int16, -0x0200), torch.bfloat16: (torch.int16, -0x0040)}[dtype]
+    return torch.tensor([bits[1]], dtype=bits[0]).view(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_sort_input_canonicalises_nan_and_negative_zero(dtype):
+    """What the torch.sort fallback orders: every NaN the positive one, -0.0 as +0.0 (CUDA's radix
+    sort orders bit patterns, so a negative-sign NaN would come first and -0.0 before +0.0); every
+    other value bit for bit."""
+    ints = {torch.float32: torch.int32, torch.float64: torch.int64}.get(dtype, torch.int16)
+    x = torch.cat([_neg_nan(dtype), torch.tensor([-0.0, 0.0, -1.5, 2.0, float("nan"), -float("inf")], dtype=dtype)])
+    assert torch.isnan(x[0]) and x[:1].view(ints).item() < 0  # the input really has a negative NaN
+    out = triton_pdl_sort_input(x)
+    bits, want = out.view(ints), x.view(ints).clone()
+    special = torch.isnan(x) | (x == 0)
+    assert torch.equal(bits[~special], want[~special])
+    assert (bits[special] >= 0).all()  # sign bit clear
+    assert torch.isnan(out[[0, 5]]).all() and torch.equal(out[[1, 2]], torch.zeros(2, dtype=dtype))
+
+
+def triton_pdl_sort_input(x):
+    return pdl.sort_input(x.to(DEVICE)).cpu()
+
+
+def test_torch_sort_fallback_puts_negative_nan_last_as_the_cpu_op(monkeypatch):
+    torch_C = pytest.importorskip("fastloss._C")
+    monkeypatch.setattr(pdl, "TRITON_MAX_SORT_N", 4)
+    torch.manual_seed(7)
+    x, y = randn(1, 2, 9), randn(1, 2, 9)
+    x[0, 0, 2] = _neg_nan(torch.float32)[0]
+    x[0, 0, 5] = float("nan")
+    x[0, 1, 1], x[0, 1, 6] = -0.0, 0.0
+    ours = pdl.pdl_forward(x, y, 1, True)
+    cpu = torch_C.pdl_forward(x.cpu(), y.cpu(), 1, True)
+    assert torch.equal(ours[1].cpu(), cpu[1])  # NaN last, ties in index order
+    assert ours[1][0, 0, -2:].tolist() == [2, 5]

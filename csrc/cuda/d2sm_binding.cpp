@@ -18,13 +18,14 @@ namespace {
 
 at::Tensor unit_row_stride(const at::Tensor& x) { return x.stride(1) == 1 ? x : x.contiguous(); }
 
-// sp, st [q, q] float32 / float64 (one dtype), dots_p, dots_t [q] float64, rows [N] int64 in [0, q).
+// sp, st [q, q] float32 / float64 (one dtype), dots_p, dots_t [q] float64, rows [N] int64 in [0, q),
+// q_live: none, or a one-element int64 device tensor, the set's size (see D2smParams).
 // Returns
 //   loss       0-dim, the D2SM KL (paper mode when `paper`, else pkt)
 //   grad_rows  [N, q], dL/dG'_bj + dL/dG'_jb for b = rows[n]
 std::vector<at::Tensor> d2sm_forward(const at::Tensor& sp_in, const at::Tensor& st_in, const at::Tensor& dots_p_in,
                                      const at::Tensor& dots_t_in, const at::Tensor& rows_in, bool paper, double eps,
-                                     int64_t stream) {
+                                     int64_t stream, const c10::optional<at::Tensor>& q_live) {
   D2SM_CHECK_CUDA(sp_in, "d2sm_forward: sp");
   D2SM_CHECK_CUDA(st_in, "d2sm_forward: st");
   D2SM_CHECK_CUDA(dots_p_in, "d2sm_forward: dots_p");
@@ -51,6 +52,12 @@ std::vector<at::Tensor> d2sm_forward(const at::Tensor& sp_in, const at::Tensor& 
   TORCH_CHECK(rows_in.scalar_type() == at::kLong && rows_in.dim() == 1, "d2sm_forward: rows must be 1-D int64, got ",
               rows_in.scalar_type(), " of shape ", rows_in.sizes());
 
+  if (q_live.has_value()) {
+    D2SM_CHECK_CUDA(*q_live, "d2sm_forward: q_live");
+    TORCH_CHECK(q_live->device() == device && q_live->scalar_type() == at::kLong && q_live->numel() == 1,
+                "d2sm_forward: q_live must be a one-element int64 tensor on ", device, ", got ",
+                q_live->scalar_type(), " of shape ", q_live->sizes(), " on ", q_live->device());
+  }
   const at::Tensor sp = unit_row_stride(sp_in), st = unit_row_stride(st_in);
   const at::Tensor dots_p = dots_p_in.contiguous(), dots_t = dots_t_in.contiguous(), rows = rows_in.contiguous();
   const int64_t N = rows.numel();
@@ -69,6 +76,7 @@ std::vector<at::Tensor> d2sm_forward(const at::Tensor& sp_in, const at::Tensor& 
   params.rows_ptr = rows.data_ptr<int64_t>();
   params.N = N;
   params.q = q;
+  params.q_live_ptr = q_live.has_value() ? q_live->data_ptr<int64_t>() : nullptr;
   params.eps = eps;
   params.paper = paper;
   params.dtype = dtype == at::kDouble ? D2smDtype::kFloat64 : D2smDtype::kFloat32;
@@ -91,7 +99,7 @@ std::vector<at::Tensor> d2sm_forward(const at::Tensor& sp_in, const at::Tensor& 
 void register_d2sm_cuda(pybind11::module& m) {
   m.def("d2sm_forward", &d2sm_forward, "D2SM fused pass over the similarity matrices on CUDA", pybind11::arg("sp"),
         pybind11::arg("st"), pybind11::arg("dots_p"), pybind11::arg("dots_t"), pybind11::arg("rows"),
-        pybind11::arg("paper"), pybind11::arg("eps"), pybind11::arg("stream"));
+        pybind11::arg("paper"), pybind11::arg("eps"), pybind11::arg("stream"), pybind11::arg("q_live") = pybind11::none());
 }
 
 }  // namespace fastloss

@@ -60,14 +60,32 @@ __device__ __forceinline__ T scale_of(int64_t q) {
   return PAPER ? T(1) / T(q) : T(1) / (T(q) * T(q));
 }
 
+// The set's size: q, or the live size *q_live clamped to [0, q], 0 when below 2 rows.
+__device__ __forceinline__ int64_t set_size(int64_t q, const int64_t* q_live) {
+  if (q_live == nullptr) return q;
+  const int64_t v = min(max(*q_live, int64_t(0)), q);
+  return v >= 2 ? v : 0;
+}
+
 template <typename T, bool PAPER>
 __global__ void __launch_bounds__(ROWS_THREADS) d2sm_rows_kernel(
     const T* __restrict__ sp, int64_t sp_stride, const T* __restrict__ st, int64_t st_stride,
-    const double* __restrict__ dots_p, const double* __restrict__ dots_t, int64_t q, double eps,
+    const double* __restrict__ dots_p, const double* __restrict__ dots_t, int64_t q_buf,
+    const int64_t* __restrict__ q_live, double eps,
     double* __restrict__ inv_p, double* __restrict__ inv_t, double* __restrict__ c_out, double* __restrict__ row_loss) {
   using BlockReduce = cub::BlockReduce<double, ROWS_THREADS>;
   __shared__ typename BlockReduce::TempStorage storage;
   const int64_t i = blockIdx.x;
+  const int64_t q = set_size(q_buf, q_live);
+  if (i >= q) {  // a row outside the set (the whole block returns)
+    if (threadIdx.x == 0) {
+      row_loss[i] = 0.0;
+      c_out[i] = 0.0;
+      inv_p[i] = 1.0;
+      inv_t[i] = 1.0;
+    }
+    return;
+  }
   const T* p = sp + i * sp_stride;
   const T* t = st + i * st_stride;
   double rp = (double(q) + dots_p[i]) * 0.5, rt = (double(q) + dots_t[i]) * 0.5;  // normalizers in float64
@@ -100,13 +118,15 @@ template <typename T, bool PAPER>
 __global__ void __launch_bounds__(GRAD_THREADS) d2sm_grad_kernel(
     const T* __restrict__ sp, int64_t sp_stride, const T* __restrict__ st, int64_t st_stride,
     const double* __restrict__ inv_p, const double* __restrict__ inv_t, const double* __restrict__ c,
-    const int64_t* __restrict__ rows, int64_t N, int64_t q, double eps, T* __restrict__ out) {
+    const int64_t* __restrict__ rows, int64_t N, int64_t q, const int64_t* __restrict__ q_live, double eps,
+    T* __restrict__ out) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * GRAD_THREADS + threadIdx.x;
   if (j >= q) return;
-  const T scale = scale_of<T, PAPER>(q);
+  const int64_t qs = set_size(q, q_live);  // q: the row stride of out; qs: the set
+  const T scale = scale_of<T, PAPER>(qs > 0 ? qs : 1);
   for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
     const int64_t b = rows[n];
-    if (b < 0 || b >= q) {
+    if (b < 0 || b >= qs || j >= qs) {
       out[n * q + j] = T(0);
       continue;
     }
@@ -139,14 +159,14 @@ D2smStatus launch(const D2smParams& p, cudaStream_t stream) {
   const double eps = p.eps;
   d2sm_rows_kernel<T, PAPER><<<static_cast<unsigned>(p.q), ROWS_THREADS, 0, stream>>>(
       static_cast<const T*>(p.sp_ptr), p.sp_stride, static_cast<const T*>(p.st_ptr), p.st_stride,
-      p.dots_p_ptr, p.dots_t_ptr, p.q, eps, p.inv_p_ptr, p.inv_t_ptr, p.c_ptr, p.row_loss_ptr);
+      p.dots_p_ptr, p.dots_t_ptr, p.q, p.q_live_ptr, eps, p.inv_p_ptr, p.inv_t_ptr, p.c_ptr, p.row_loss_ptr);
   FASTLOSS_CUDA_RETURN_IF_ERROR(cudaGetLastError(), "d2sm rows kernel launch");
   if (p.N > 0) {
     const dim3 grid(static_cast<unsigned>((p.q + GRAD_THREADS - 1) / GRAD_THREADS),
                     static_cast<unsigned>(std::min(p.N, MAX_GRID_Y)));
     d2sm_grad_kernel<T, PAPER><<<grid, GRAD_THREADS, 0, stream>>>(
         static_cast<const T*>(p.sp_ptr), p.sp_stride, static_cast<const T*>(p.st_ptr), p.st_stride,
-        p.inv_p_ptr, p.inv_t_ptr, p.c_ptr, p.rows_ptr, p.N, p.q, eps,
+        p.inv_p_ptr, p.inv_t_ptr, p.c_ptr, p.rows_ptr, p.N, p.q, p.q_live_ptr, eps,
         static_cast<T*>(p.grad_rows_ptr));
     FASTLOSS_CUDA_RETURN_IF_ERROR(cudaGetLastError(), "d2sm grad kernel launch");
   }

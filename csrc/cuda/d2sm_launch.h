@@ -23,6 +23,10 @@ enum class D2smDtype : int32_t { kFloat32 = 0, kFloat64 = 1 };
 //   row_loss         [q]    float64 workspace: each row's share of the loss
 //   loss             [1]    dtype: the D2SM KL (pkt, or paper when `paper`)
 //   grad_rows        [N, q] dtype, contiguous: dL/dG'_bj + dL/dG'_jb for b = rows[n]
+// q_live_ptr: null (the set is all q rows), or a device int64, the set's size (a queue's fill
+// level), read by the kernels so that the host never waits for it: the set is then the leading
+// q_live x q_live block, rows and entries outside it get zeros, and a set of fewer than 2 rows a
+// zero loss.
 struct D2smParams {
   const void* sp_ptr = nullptr;
   int64_t sp_stride = 0;
@@ -33,6 +37,7 @@ struct D2smParams {
   const int64_t* rows_ptr = nullptr;
   int64_t N = 0;
   int64_t q = 0;
+  const int64_t* q_live_ptr = nullptr;
   double eps = 1e-6;
   bool paper = true;
   D2smDtype dtype = D2smDtype::kFloat32;

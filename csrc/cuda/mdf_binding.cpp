@@ -1,7 +1,8 @@
 // PyTorch binding of the MDF CUDA launchers (mdf_launch.h): argument checks, the descriptor table
 // and output allocation. No c10/cuda or ATen/cuda header (so this file also compiles against a
 // CPU-only torch): the stream arrives from Python as an int, torch.cuda.current_stream(device).cuda_stream,
-// and must be the current stream of the tensors' device (the table is copied to the device on it).
+// and must be the current stream of the tensors' device. The descriptor table stays on the host: the
+// launcher passes it to the kernels by value (no host-to-device copy, nothing to wait for).
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -84,10 +85,9 @@ Prepared prepare(const std::vector<at::Tensor>& feats, const std::vector<at::Ten
   return p;
 }
 
-MdfParams make_params(const Prepared& p, const at::Tensor& table_dev, int64_t batch, at::ScalarType dtype,
-                      const char* op) {
+MdfParams make_params(const Prepared& p, int64_t batch, at::ScalarType dtype, const char* op) {
   MdfParams params;
-  params.desc = reinterpret_cast<const MdfTensorDesc*>(table_dev.data_ptr<int64_t>());
+  params.desc = reinterpret_cast<const MdfTensorDesc*>(p.table.data_ptr<int64_t>());
   params.M = static_cast<int32_t>(p.x.size());
   params.K = p.K;
   params.B = batch;
@@ -119,9 +119,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mdf_sqdiff_forward(const std::ve
   Prepared p = prepare(feats, chan_w, batch, 2 * batch, "mdf_sqdiff_forward");
   const auto acc = feats[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   std::vector<at::Tensor> diffs = save_diff ? empty_like_samples(p, batch) : std::vector<at::Tensor>{};
-  const at::Tensor table = p.table.to(p.x[0].device());  // [M, 8] descriptors on the device
   at::Tensor partial = at::empty({batch, p.K}, p.x[0].options().dtype(acc));  // [B, K]
-  MdfParams params = make_params(p, table, batch, feats[0].scalar_type(), "mdf_sqdiff_forward");
+  MdfParams params = make_params(p, batch, feats[0].scalar_type(), "mdf_sqdiff_forward");
   params.partial = partial.data_ptr();
   CHECK_MDF_STATUS(mdf_sqdiff_forward_cuda(params, as_stream(stream)), "mdf_sqdiff_forward");
   return {partial.sum(1), diffs};
@@ -137,9 +136,8 @@ std::vector<at::Tensor> mdf_sqdiff_backward(const at::Tensor& grad, const std::v
   TORCH_CHECK(grad.numel() == batch, "mdf_sqdiff_backward: grad must have ", batch, " entries, got ", grad.sizes());
   const auto acc = diffs[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   std::vector<at::Tensor> out = empty_like_samples(p, batch);
-  const at::Tensor table = p.table.to(p.x[0].device());
   const at::Tensor g = grad.reshape({batch}).to(p.x[0].device(), acc).contiguous();  // [B]
-  MdfParams params = make_params(p, table, batch, diffs[0].scalar_type(), "mdf_sqdiff_backward");
+  MdfParams params = make_params(p, batch, diffs[0].scalar_type(), "mdf_sqdiff_backward");
   params.grad = g.data_ptr();
   CHECK_MDF_STATUS(mdf_sqdiff_backward_cuda(params, as_stream(stream)), "mdf_sqdiff_backward");
   return out;

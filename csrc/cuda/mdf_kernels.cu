@@ -7,7 +7,8 @@
 //             diff_m[b, i]  = X[b, i] - X[B+b, i]        (kept for the backward when asked)
 //   backward: grad_m[b, i]  = g[b] * 2 w[c] diff_m[b, i]
 //
-// Grid (K, B): block (k, b) finds the tensor owning chunk k in the descriptor table and covers
+// Grid (K, B): block (k, b) finds the tensor owning chunk k in the descriptor table (a kernel
+// parameter, by value: nothing is copied to the device before a launch) and covers
 // MDF_CUDA_CHUNK elements of sample b with MDF_CUDA_THREADS threads (coalesced, strided by the
 // block size); the forward reduces in the block (warp shuffles, then shared memory).
 //
@@ -43,6 +44,11 @@ template <> struct FromAcc<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 apply(float x) { return __float2bfloat16_rn(x); }
 };
 
+// The descriptors of one launch, passed by value (in the kernel's parameter space).
+struct MdfDescTable {
+  MdfTensorDesc d[MDF_CUDA_MAX_TENSORS];
+};
+
 __device__ __forceinline__ int find_tensor(const MdfTensorDesc* desc, int M, int64_t k) {
   int m = 0;
   for (int j = 1; j < M; ++j) m = k >= desc[j].first_chunk ? j : m;
@@ -65,11 +71,11 @@ __device__ __forceinline__ acc_t block_sum(acc_t v) {
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(MDF_CUDA_THREADS)
-mdf_forward_kernel(const MdfTensorDesc* __restrict__ desc, int M, int64_t K, int64_t B,
+mdf_forward_kernel(const MdfDescTable table, int M, int64_t k0, int64_t K, int64_t B,
                    typename AccOf<scalar_t>::type* __restrict__ partial) {
   using acc_t = typename AccOf<scalar_t>::type;
-  const int64_t k = blockIdx.x, b = blockIdx.y;
-  const MdfTensorDesc d = desc[find_tensor(desc, M, k)];
+  const int64_t k = k0 + blockIdx.x, b = blockIdx.y;
+  const MdfTensorDesc d = table.d[find_tensor(table.d, M, k)];
   const scalar_t* p = static_cast<const scalar_t*>(d.x) + b * d.n;
   const scalar_t* t = static_cast<const scalar_t*>(d.x) + (B + b) * d.n;
   const acc_t* w = static_cast<const acc_t*>(d.w);
@@ -88,11 +94,11 @@ mdf_forward_kernel(const MdfTensorDesc* __restrict__ desc, int M, int64_t K, int
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(MDF_CUDA_THREADS)
-mdf_backward_kernel(const MdfTensorDesc* __restrict__ desc, int M,
+mdf_backward_kernel(const MdfDescTable table, int M, int64_t k0,
                     const typename AccOf<scalar_t>::type* __restrict__ grad) {
   using acc_t = typename AccOf<scalar_t>::type;
-  const int64_t k = blockIdx.x, b = blockIdx.y;
-  const MdfTensorDesc d = desc[find_tensor(desc, M, k)];
+  const int64_t k = k0 + blockIdx.x, b = blockIdx.y;
+  const MdfTensorDesc d = table.d[find_tensor(table.d, M, k)];
   const scalar_t* diff = static_cast<const scalar_t*>(d.x) + b * d.n;
   scalar_t* out = static_cast<scalar_t*>(d.out) + b * d.n;
   const acc_t* w = static_cast<const acc_t*>(d.w);
@@ -126,16 +132,25 @@ MdfStatus check(const MdfParams& params, const char* where) {
 template <typename scalar_t>
 MdfStatus launch(const MdfParams& params, bool forward, cudaStream_t stream) {
   using acc_t = typename AccOf<scalar_t>::type;
-  const dim3 grid(static_cast<unsigned>(params.K), static_cast<unsigned>(params.B));
-  if (forward) {
-    mdf_forward_kernel<scalar_t><<<grid, MDF_CUDA_THREADS, 0, stream>>>(params.desc, params.M, params.K, params.B,
-                                                                        static_cast<acc_t*>(params.partial));
-  } else {
-    mdf_backward_kernel<scalar_t><<<grid, MDF_CUDA_THREADS, 0, stream>>>(params.desc, params.M,
-                                                                         static_cast<const acc_t*>(params.grad));
+  // groups of up to MDF_CUDA_MAX_TENSORS tensors, each launch over its own chunks [k0, k1)
+  for (int g0 = 0; g0 < params.M; g0 += MDF_CUDA_MAX_TENSORS) {
+    const int m = params.M - g0 < MDF_CUDA_MAX_TENSORS ? params.M - g0 : MDF_CUDA_MAX_TENSORS;
+    MdfDescTable table{};
+    for (int j = 0; j < m; ++j) table.d[j] = params.desc[g0 + j];
+    const int64_t k0 = table.d[0].first_chunk;
+    const int64_t k1 = g0 + m < params.M ? params.desc[g0 + m].first_chunk : params.K;
+    if (k1 <= k0) continue;
+    const dim3 grid(static_cast<unsigned>(k1 - k0), static_cast<unsigned>(params.B));
+    if (forward) {
+      mdf_forward_kernel<scalar_t><<<grid, MDF_CUDA_THREADS, 0, stream>>>(table, m, k0, params.K, params.B,
+                                                                          static_cast<acc_t*>(params.partial));
+    } else {
+      mdf_backward_kernel<scalar_t><<<grid, MDF_CUDA_THREADS, 0, stream>>>(table, m, k0,
+                                                                           static_cast<const acc_t*>(params.grad));
+    }
+    FASTLOSS_CUDA_RETURN_IF_ERROR(cudaGetLastError(),
+                                  forward ? "mdf forward kernel launch" : "mdf backward kernel launch");
   }
-  FASTLOSS_CUDA_RETURN_IF_ERROR(cudaGetLastError(),
-                                forward ? "mdf forward kernel launch" : "mdf backward kernel launch");
   return {};
 }
 

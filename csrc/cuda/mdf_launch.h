@@ -34,11 +34,17 @@ struct MdfTensorDesc {
 };
 static_assert(sizeof(MdfTensorDesc) == 64, "MdfTensorDesc must be 8 int64");
 
+// Descriptors per launch: the table travels by value as a kernel parameter (48 x 64 = 3 KiB, within
+// the 4 KiB every CUDA version accepts), so no table is copied to the device before a launch (that
+// copy from pageable host memory waits for the host, and cannot be captured in a CUDA graph). More
+// tensors than this take several launches.
+inline constexpr int MDF_CUDA_MAX_TENSORS = 48;
+
 //   forward:  partial[b, k] = sum over chunk k of sample b of w[c] (X[b] - X[B+b])^2   (acc dtype, [B, K])
 //             out[b, i]     = X[b, i] - X[B+b, i]                                     (when out != nullptr)
 //   backward: out[b, i]     = grad[b] * 2 w[c] diff[b, i]
 struct MdfParams {
-  const MdfTensorDesc* desc = nullptr;  // device memory, [M]
+  const MdfTensorDesc* desc = nullptr;  // host memory, [M]: copied into the launches' parameters
   int32_t M = 0;
   int64_t K = 0;                        // chunks per sample, all tensors together
   int64_t B = 0;

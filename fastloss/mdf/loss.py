@@ -36,6 +36,7 @@ Two ways to compute it:
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -350,13 +351,21 @@ def _lrelu_backward_(g: Tensor, mask: Tensor, slope: float, backend: str) -> Ten
 
 
 def _chan_weights(units, widths_by_head_channel, shapes, device, dtype):
-    """Per-channel weights 1 / (C_f H W) of the head tensor and of each unit's body / tail tensors."""
+    """Per-channel weights 1 / (C_f H W) of the head tensor and of each unit's body / tail tensors,
+    built once per device, dtype and shapes (a tensor built from a host list on every call would be
+    a host-to-device copy that waits for the host and cannot be captured in a CUDA graph)."""
+    return list(_chan_weights_cached(tuple(tuple(u) for u in units), tuple(widths_by_head_channel),
+                                     tuple(tuple(s) for s in shapes), device, dtype))
+
+
+@functools.lru_cache(maxsize=64)
+def _chan_weights_cached(units, widths_by_head_channel, shapes, device, dtype):
     acc = _acc_dtype(dtype)
     (hh, hw), (bh, bw), (th, tw) = shapes
     head = torch.tensor([1.0 / (n * hh * hw) for n in widths_by_head_channel], dtype=acc, device=device)
     body = [torch.full((k * n,), 1.0 / (n * bh * bw), dtype=acc, device=device) for k, n in units]
     tail = [torch.full((k,), 1.0 / (th * tw), dtype=acc, device=device) for k, n in units]
-    return [head] + body + tail
+    return tuple([head] + body + tail)
 
 
 def _unit_layout(params, unit_sizes):
