@@ -50,9 +50,10 @@ D2SM_TOL = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 1e-2, torch
 # MDF in half runs its convolutions in half on the GPU: 5 layers of half rounding.
 MDF_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
-# PDL row lengths: both sides of every CUDA tile and Triton block, the single-program cap (8192),
+# PDL row lengths: both sides of every CUDA tile and Triton block, the single-program cap
+# (kernels/pdl.py TRITON_MAX_SORT_N),
 # the torch.sort fallback past it, and an image-sized row (224 x 224).
-PDL_N_FULL = (1, 35, 129, 300, 513, 1025, 2049, 4096, 4097, 8192, 8193, 50176)
+PDL_N_FULL = (1, 35, 129, 300, 513, 1025, 2048, 2049, 4096, 4097, 8192, 8193, 50176)
 PDL_N_QUICK = (1, 35)   # under the Triton interpreter every sort stage costs seconds
 D2SM_Q_FULL = (2, 37, 1024, 1025, 3000)   # 1025 and 3000 span several Triton blocks of 1024
 D2SM_Q_QUICK = (2, 37)
