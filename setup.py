@@ -47,8 +47,9 @@ def _import_torch():
         return torch
     except ImportError:
         pass
-    paths = [p for p in dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
-             if os.path.isdir(os.path.join(p, "torch"))]
+    base = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})
+    candidates = [sysconfig.get_paths()[k] for k in ("purelib", "platlib")] + [base["purelib"], base["platlib"]]
+    paths = [p for p in dict.fromkeys(candidates) if os.path.isdir(os.path.join(p, "torch"))]
     if not paths:
         return None
     sys.path.extend(paths)
