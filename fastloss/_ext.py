@@ -13,17 +13,17 @@ import os
 import sys
 import threading
 
-from . import build as _build
+BUILD_COMMAND = "python -m fastloss.build"  # fastloss.build.BUILD_COMMAND (imported lazily: `python -m` runs it)
 
 _lock = threading.Lock()
 _cache = {}
 _origin = {}
 
 _HOW_TO_BUILD = {
-    "_C": f"run `{_build.BUILD_COMMAND}` to compile it against this torch",
+    "_C": f"run `{BUILD_COMMAND}` to compile it against this torch",
     "_C_cuda": (
         "it is built only when the installed torch has CUDA and a CUDA toolkit is found; "
-        f"run `{_build.BUILD_COMMAND}` on such a machine"
+        f"run `{BUILD_COMMAND}` on such a machine"
     ),
 }
 
@@ -36,6 +36,8 @@ def origin(name):
 
 def _load(name):
     import torch  # the extension links against libtorch
+
+    from . import build as _build
 
     here = _build.PACKAGE_DIR
     status = _build.read_status(here) or {}
