@@ -1,16 +1,24 @@
-"""Build fastloss.
+"""Build fastloss: the metadata is in pyproject.toml, the C++ and CUDA build here.
 
-- The C++ CPU extension ``fastloss._C`` is always built (with ninja when present).
-- The CUDA extension ``fastloss._C_cuda`` is built only when the installed torch has CUDA
-  and a CUDA toolkit is found.
-- ``FASTLOSS_SKIP_BUILD=1`` installs pure Python (every op then runs on ``reference``, or
-  ``triton`` on a GPU).
+- The C++ CPU extension ``fastloss._C`` is built whenever the installed torch can be imported:
+  directly (``pip install . --no-build-isolation``, ``scripts/setup.sh``) or, under pip's build
+  isolation, from the environment being installed into (so a plain ``pip install .`` compiles
+  against the torch already there and never fetches a second one).
+- The CUDA extension ``fastloss._C_cuda`` is built only when that torch has CUDA and a CUDA
+  toolkit is found, after the CPU one and on its own: a failing CUDA build (for instance a
+  toolkit whose version differs from torch's) is reported and skipped, never taking the CPU
+  build down with it.
+- Without an importable torch, or with ``FASTLOSS_SKIP_BUILD=1``, fastloss installs as pure
+  Python with its C++ sources inside, and ``python -m fastloss.build`` compiles them later.
+- A failed CPU build is reported and leaves a pure-Python install (the same fallback), unless
+  ``FASTLOSS_REQUIRE_EXT=1``, which makes it fail the install (``scripts/setup.sh`` and CI).
 
-Install with ``pip install -e . --no-build-isolation`` so that the torch already installed
-is the one compiled against: setup never asks pip for a second torch.
+The flags and the build command live in ``fastloss/build.py``, shared with ``python -m fastloss.build``.
 """
-import glob
+import importlib.util
 import os
+import sys
+import sysconfig
 
 from setuptools import setup
 
@@ -18,62 +26,76 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 SKIP_BUILD = os.environ.get("FASTLOSS_SKIP_BUILD", "0") == "1"
 
 
-def extensions():
-    if SKIP_BUILD:
-        return [], {}
+def _say(msg):
+    sys.stderr.write(f"fastloss setup: {msg}\n")
+
+
+def _build_module():
+    # by path: importing the fastloss package here would import torch
+    spec = importlib.util.spec_from_file_location("_fastloss_build", os.path.join(ROOT, "fastloss", "build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _import_torch():
+    """The installed torch, or None. pip's build isolation hides the environment being installed
+    into; its torch is then taken from there (never a second torch from the index)."""
     try:
         import torch
-        from torch.utils import cpp_extension
-    except ImportError as e:  # pragma: no cover - exercised only on a machine without torch
-        raise SystemExit(
-            "fastloss: building the C++ extension needs torch installed first "
-            "(pip install torch), then `pip install -e . --no-build-isolation`; "
-            "or set FASTLOSS_SKIP_BUILD=1 for a pure-Python install"
-        ) from e
 
-    cxx = ["-O3", "-std=c++20", "-fopenmp"]
-    cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    exts = [
-        cpp_extension.CppExtension(
-            "fastloss._C",
-            cpu_sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
-        )
-    ]
-    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
-        cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))) + sorted(
-            glob.glob(os.path.join("csrc", "cuda", "*_binding.cpp"))
-        )
-        exts.append(
-            cpp_extension.CUDAExtension(
-                "fastloss._C_cuda",
-                cuda_sources,
-                include_dirs=[os.path.join(ROOT, "csrc")],
-                extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++20"]},
-            )
-        )
-    return exts, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+        return torch
+    except ImportError:
+        pass
+    base = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})
+    candidates = [sysconfig.get_paths()[k] for k in ("purelib", "platlib")] + [base["purelib"], base["platlib"]]
+    paths = [p for p in dict.fromkeys(candidates) if os.path.isdir(os.path.join(p, "torch"))]
+    if not paths:
+        return None
+    sys.path.extend(paths)
+    try:
+        import torch
+
+        _say(f"building against the torch {torch.__version__} of the environment being installed into ({paths[0]})")
+        return torch
+    except Exception as e:  # noqa: BLE001 - any failure leaves a pure-Python install
+        _say(f"found torch in {paths[0]} but could not import it ({type(e).__name__}: {e})")
+        return None
+
+
+def extensions():
+    if SKIP_BUILD:
+        _say("FASTLOSS_SKIP_BUILD=1: pure-Python install; `python -m fastloss.build` compiles the kernels later")
+        return [], {}
+    torch = _import_torch()
+    if torch is None:
+        if os.environ.get("FASTLOSS_REQUIRE_EXT", "0") == "1":
+            raise SystemExit("fastloss setup: FASTLOSS_REQUIRE_EXT=1 but torch cannot be imported by the build; "
+                             "install torch first, then `pip install . --no-build-isolation`")
+        _say("torch is not importable by this build, so the C++ kernels are not compiled now; after installing, "
+             "run `python -m fastloss.build` (or install with `pip install . --no-build-isolation`)")
+        return [], {}
+    from torch.utils import cpp_extension
+
+    b = _build_module()
+    with_cuda, why_not = b.cuda_wanted(torch, cpp_extension)
+    if not with_cuda:
+        _say(f"the CUDA extension is not built: {why_not}")
+    exts = b.extensions(cpp_extension, "csrc", os.path.join(ROOT, "csrc"), with_cuda)
+    skipped = {} if with_cuda else {"fastloss._C_cuda": why_not}
+    return exts, {"build_ext": b.build_ext_class(cpp_extension, torch.__version__, skipped)}
 
 
 ext_modules, cmdclass = extensions()
 
 setup(
-    name="fastloss",
-    version="0.1.0",
-    description="Fused, fast, exactly-right perceptual losses (PDL, D2SM, MDF) for PyTorch",
-    packages=["fastloss", "fastloss.kernels", "fastloss.mdf"],
-    package_dir={"fastloss": "fastloss", "fastloss.kernels": "kernels"},
-    # the shipped MDF discriminator sets and the seed image they were trained on
-    package_data={"fastloss.mdf": ["data/*.safetensors", "data/seed.png"]},
-    python_requires=">=3.9",
-    # No torch pin here: the torch already installed is the one the extension is built
-    # against, and pip must never fetch another one while installing fastloss.
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={"bench": ["tqdm", "matplotlib", "pytest-benchmark", "pot"], "test": ["pytest", "expecttest"]},
+    packages=["fastloss", "fastloss.kernels", "fastloss.mdf", "fastloss.integrations", "fastloss.csrc"],
+    package_dir={"fastloss": "fastloss", "fastloss.kernels": "kernels", "fastloss.csrc": "csrc"},
+    # the shipped MDF discriminator sets and the seed image they were trained on; the C++/CUDA
+    # sources, which `python -m fastloss.build` compiles after a pure-Python install
+    package_data={"fastloss.mdf": ["data/*.safetensors", "data/seed.png"],
+                  "fastloss.csrc": ["cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh", "cuda/*.cpp", "cuda/*.h"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": ["fastloss-bench=fastloss.bench:main"]},
     zip_safe=False,
 )

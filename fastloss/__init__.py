@@ -16,9 +16,13 @@ from . import mdf
 from .mdf import MDFLoss
 from .d2sm import D2SMLoss, D2SMQueue, d2sm_kl, d2sm_reference
 
+from .config import PerceptualLoss, build_loss, _losses
+
+LOSSES = _losses()  # type name -> class, what build_loss({"type": ...}) accepts
+
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "BackendError", "backends", "use_backend", "use_deterministic", "deterministic", "pdl", "pdl_reference", "PDLLoss",
            "d2sm_kl", "d2sm_reference", "D2SMQueue", "D2SMLoss",
            "__version__"]
-__all__ += ["mdf", "MDFLoss"]
+__all__ += ["mdf", "MDFLoss", "PerceptualLoss", "build_loss", "LOSSES"]

@@ -148,7 +148,7 @@ def status(name):
         if mod is None:
             return False, why
         isa = f", PDL sort kernels: {cpu_kernels()}" if cpu_kernels() else ""
-        return True, f"fastloss._C ({mod.compiler}{', OpenMP' if mod.openmp else ''}{isa})"
+        return True, f"fastloss._C ({mod.compiler}{', OpenMP' if mod.openmp else ''}{isa}; {_ext.origin('_C')})"
     if name == "triton":
         return _triton_status()
     if name == "cuda":
@@ -157,7 +157,7 @@ def status(name):
             return False, why
         if not torch.cuda.is_available():
             return False, "fastloss._C_cuda is built but no CUDA device is available"
-        return True, "fastloss._C_cuda"
+        return True, f"fastloss._C_cuda ({_ext.origin('_C_cuda')})"
     raise ValueError(f"unknown backend {name!r}")
 
 

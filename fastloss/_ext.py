@@ -1,20 +1,81 @@
 """Loading the compiled extensions, once, thread-safely.
 
 ``load("_C")`` returns ``(module, None)`` or ``(None, reason)``; the reason says how to build it.
+``origin("_C")`` says which build is in use. Two places are tried, in order:
+
+1. the build installed with the package (``setup.py``), unless its ``_build_status.json`` says
+   it was compiled against another torch than the one running;
+2. the build of ``python -m fastloss.build`` for this Python, torch and sources (its cache).
 """
 import importlib
+import importlib.util
+import os
+import sys
 import threading
+
+BUILD_COMMAND = "python -m fastloss.build"  # fastloss.build.BUILD_COMMAND (imported lazily: `python -m` runs it)
 
 _lock = threading.Lock()
 _cache = {}
+_origin = {}
 
 _HOW_TO_BUILD = {
-    "_C": "build it with `pip install -e . --no-build-isolation` (with FASTLOSS_SKIP_BUILD unset)",
+    "_C": f"run `{BUILD_COMMAND}` to compile it against this torch",
     "_C_cuda": (
         "it is built only when the installed torch has CUDA and a CUDA toolkit is found; "
-        "reinstall with `pip install -e . --no-build-isolation` on such a machine"
+        f"run `{BUILD_COMMAND}` on such a machine"
     ),
 }
+
+
+def origin(name):
+    """Which build of ``fastloss.<name>`` is in use (a phrase with its path), or None."""
+    load(name)
+    return _origin.get(name)
+
+
+def _load(name):
+    import torch  # the extension links against libtorch
+
+    from . import build as _build
+
+    here = _build.PACKAGE_DIR
+    status = _build.read_status(here) or {}
+    info = status.get("extensions", {}).get(name, {})
+    problems = []
+    if status.get("torch") not in (None, torch.__version__):
+        problems.append(f"the build installed with fastloss is for torch {status['torch']}, this is torch "
+                        f"{torch.__version__}")
+    else:
+        try:
+            mod = importlib.import_module("fastloss." + name)
+            _origin[name] = f"built at install time, {mod.__file__}"
+            return mod, None
+        except ImportError as e:
+            if info.get("built") is False:
+                problems.append(f"the install-time build did not build it: {info.get('reason')}")
+            elif isinstance(e, ModuleNotFoundError) and e.name == "fastloss." + name:
+                problems.append("not built at install time")
+            else:
+                problems.append(f"the build installed with fastloss does not load ({e})")
+    path = _build.cached_extension(name, torch.__version__)
+    if path is not None:
+        try:
+            spec = importlib.util.spec_from_file_location("fastloss." + name, path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            sys.modules["fastloss." + name] = mod
+            _origin[name] = f"built by `{_build.BUILD_COMMAND}`, {path}"
+            return mod, None
+        except ImportError as e:
+            problems.append(f"the build of `{_build.BUILD_COMMAND}` at {path} does not load ({e})")
+    else:
+        cached = _build.read_status(os.path.join(_build.cache_dir(torch.__version__), "fastloss")) \
+            if _build.source_dir() else None
+        info = (cached or {}).get("extensions", {}).get(name, {})
+        if info.get("built") is False:
+            problems.append(f"`{_build.BUILD_COMMAND}` did not build it: {info.get('reason')}")
+    return None, f"fastloss.{name} is not built ({'; '.join(problems)}); {_HOW_TO_BUILD[name]}"
 
 
 def load(name):
@@ -26,9 +87,8 @@ def load(name):
     with _lock:
         if name not in _cache:
             try:
-                import torch  # noqa: F401  (the extension links against libtorch)
-
-                _cache[name] = (importlib.import_module("fastloss." + name), None)
-            except ImportError as e:
-                _cache[name] = (None, f"fastloss.{name} is not built ({e}); {_HOW_TO_BUILD[name]}")
+                _cache[name] = _load(name)
+            except Exception as e:  # noqa: BLE001 - a broken build must never break import fastloss
+                _cache[name] = (None, f"fastloss.{name} could not be loaded ({type(e).__name__}: {e}); "
+                                      f"{_HOW_TO_BUILD[name]}")
     return _cache[name]

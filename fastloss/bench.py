@@ -287,6 +287,9 @@ def format_table(rows, skipped):
     return "\n".join(lines)
 
 
+NO_MATPLOTLIB = "matplotlib is not installed; `pip install 'fastloss[bench]'` (or `pip install matplotlib`) adds the chart"
+
+
 def bar_chart(rows, path, title):
     import matplotlib
 
@@ -326,7 +329,7 @@ def write_markdown_section(path, name, text):
 def markdown_report(result, table, png_path, md_path):
     """The ``steps`` section of BENCHMARKS.md for one run: command, machine, table and chart."""
     st, m = result["settings"], result["machine"]
-    rel_png = os.path.relpath(png_path, os.path.dirname(os.path.abspath(md_path)))
+    rel_png = png_path and os.path.relpath(png_path, os.path.dirname(os.path.abspath(md_path)))
     lines = [
         "## Training steps/sec: `fastloss-bench`",
         "",
@@ -347,7 +350,7 @@ def markdown_report(result, table, png_path, md_path):
         table,
         "```",
         "",
-        f"![steps/sec relative to pixel-only L1]({rel_png})",
+        f"![steps/sec relative to pixel-only L1]({rel_png})" if rel_png else f"(no chart: {NO_MATPLOTLIB})",
     ]
     return "\n".join(lines)
 
@@ -418,7 +421,10 @@ def pdl_paper_report(result, table):
 
 # ----------------------------------------------------------------------------- demo
 def run_demo(args, image):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise SystemExit(f"fastloss-bench --demo draws its figure with matplotlib: {NO_MATPLOTLIB}") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -593,9 +599,13 @@ def main(argv=None):
         json.dump(result, f, indent=2)
     png_path = os.path.join(args.out, "steps_per_sec.png")
     if rows:
-        bar_chart(rows, png_path, f"fastloss-bench on {info['cpu']} ({args.device}), batch {args.batch_size}, "
-                                  f"crop {args.crop}")
-    print(f"wrote {json_path}" + (f" and {png_path}" if rows else ""))
+        try:
+            bar_chart(rows, png_path, f"fastloss-bench on {info['cpu']} ({args.device}), batch {args.batch_size}, "
+                                      f"crop {args.crop}")
+        except ImportError as e:  # matplotlib is in the bench extra only
+            print(f"no chart: {NO_MATPLOTLIB} ({e})")
+            png_path = None
+    print(f"wrote {json_path}" + (f" and {png_path}" if rows and png_path else ""))
     if args.markdown and rows:
         section = args.markdown_section
         text = (pdl_paper_report(result, table) if section == "pdl-paper"

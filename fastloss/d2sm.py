@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import _backend, _ext
+from . import _backend, _checks, _ext
 
 _OP = "d2sm"
 MODES = ("paper", "pkt")
@@ -673,8 +673,10 @@ class D2SMLoss(nn.Module):
     def __init__(self, extractor="vgg19", layer: str = "conv5_4", queue_size: int = 256, mode: str = "paper",
                  internal_patches: bool = False, patch_size: int = 224, patch_stride: int = 56, weight: float = 1.0,
                  extractor_weights="torchvision", eps: float = 1e-6, backend: str = "auto", reduction: str = "mean",
-                 layers=None, layer_weights=None, patch_scope: str = "batch"):
+                 layers=None, layer_weights=None, patch_scope: str = "batch", input_range=(0, 1)):
         super().__init__()
+        self.input_range = _checks.check_input_range("D2SMLoss", input_range)
+        self._range_check = _checks.RangeCheck("D2SMLoss", self.input_range)
         for name, v in (("patch_size", patch_size), ("patch_stride", patch_stride)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"D2SMLoss: {name} must be an int >= 1, got {v!r}")
@@ -780,12 +782,9 @@ class D2SMLoss(nn.Module):
                          f"setting needs queue_size >= {rows}{alt}")
 
     def forward(self, restored: Tensor, clean: Tensor) -> Tensor:
+        builtin = type(self.extractor).__module__ == "fastloss.features"
         for name, t in (("restored", restored), ("clean", clean)):
-            if not isinstance(t, Tensor) or not t.is_floating_point():
-                raise TypeError(f"D2SMLoss: {name} must be a floating-point tensor, got "
-                                f"{getattr(t, 'dtype', type(t).__name__)}")
-            if t.dim() != 4:
-                raise ValueError(f"D2SMLoss: {name} must be (B, C, H, W), got shape {tuple(t.shape)}")
+            _checks.check_image("D2SMLoss", name, t, rgb=builtin)
         if restored.shape != clean.shape:
             raise ValueError(f"D2SMLoss: restored and clean shapes differ: {tuple(restored.shape)} vs "
                              f"{tuple(clean.shape)}")
@@ -796,6 +795,8 @@ class D2SMLoss(nn.Module):
                              f"{clean.device}")
         if restored.numel() == 0:
             raise ValueError(f"D2SMLoss: restored is empty, shape {tuple(restored.shape)}")
+        self._range_check(restored, clean)
+        restored, clean = _checks.to_unit_range(restored, self.input_range), _checks.to_unit_range(clean, self.input_range)
         b, hw = restored.shape[0], tuple(restored.shape[-2:])
         if self.internal_patches:
             restored, clean = self.patches(restored), self.patches(clean)

@@ -84,6 +84,14 @@ def _load_error_summary(e: Exception) -> str:
     return " ".join(kept) if kept else "see the chained exception for details"
 
 
+def _refuse_mdf_set(sd, path: str) -> None:
+    if isinstance(sd, Mapping) and any(isinstance(k, str) and k.startswith("D0.") for k in sd):
+        raise ValueError(
+            f"VGG: weights={path!r} is an MDF discriminator set in fastloss's format (tensors D0., D1., ...), "
+            "not VGG weights; pass it to fastloss.MDFLoss(weights=...) instead"
+        )
+
+
 def _load_state_dict_file(path: str) -> Mapping[str, object]:
     """Read a state dict from ``path`` without ever executing code stored in the file."""
     if not os.path.exists(path):
@@ -100,20 +108,29 @@ def _load_state_dict_file(path: str) -> Mapping[str, object]:
                 "torch.save"
             ) from e
         try:
-            return load_file(path, device="cpu")
+            sd = load_file(path, device="cpu")
         except Exception as e:  # safetensors raises its own SafetensorError on bad headers
             raise ValueError(
                 f"VGG: could not read weights={path!r} as safetensors: {type(e).__name__}: {e}"
             ) from e
+        _refuse_mdf_set(sd, path)
+        return sd
     try:
         # weights_only=True: a pickle that names anything but tensors/containers is refused.
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        if "SinGAN" in str(e) or "WDiscriminator" in str(e):
+            raise ValueError(
+                f"VGG: weights={path!r} is an MDF discriminator set (the published SinGAN .pth of the MDF "
+                "paper), not VGG weights; pass it to fastloss.MDFLoss(weights=...) instead, and give VGG a "
+                "torchvision state dict or 'torchvision'"
+            ) from e
         raise ValueError(
             f"VGG: could not read weights={path!r} as a state dict saved with torch.save "
             f"(read with weights_only=True, which refuses files that would run code): "
             f"{type(e).__name__}: {_load_error_summary(e)}"
         ) from e
+    _refuse_mdf_set(sd, path)
     if not isinstance(sd, Mapping):
         raise ValueError(
             f"VGG: weights={path!r} holds a {type(sd).__name__}, expected a state dict "

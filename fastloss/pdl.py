@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import _backend, _ext
+from . import _backend, _checks, _ext
 
 _OP = "pdl"
 _REDUCTIONS = ("mean", "sum", "none")
@@ -316,8 +316,11 @@ class PDLLoss(nn.Module):
     def __init__(self, layers: Sequence[str] = ("relu4_3",), layer_weights: Optional[Sequence[float]] = None,
                  weight: float = 0.01, pixel_weight: float = 1.0, projection: str = "id", p: int = 1,
                  extractor="vgg16", extractor_weights="torchvision", num_projections: Optional[int] = None,
-                 seed: int = 0, backend: str = "auto", root: bool = False, normalization: str = "mean"):
+                 seed: int = 0, backend: str = "auto", root: bool = False, normalization: str = "mean",
+                 input_range=(0, 1)):
         super().__init__()
+        self.input_range = _checks.check_input_range("PDLLoss", input_range)
+        self._range_check = _checks.RangeCheck("PDLLoss", self.input_range)
         layers = (layers,) if isinstance(layers, str) else tuple(layers)
         if not layers:
             raise ValueError("PDLLoss: layers must name at least one layer")
@@ -376,14 +379,13 @@ class PDLLoss(nn.Module):
         return self._matrices[key]
 
     def forward(self, restored: Tensor, clean: Tensor) -> Tensor:
+        builtin = type(self.extractor).__module__ == "fastloss.features"
         for name, t in (("restored", restored), ("clean", clean)):
-            if not isinstance(t, Tensor) or not t.is_floating_point():
-                raise TypeError(f"PDLLoss: {name} must be a floating-point tensor, got "
-                                f"{getattr(t, 'dtype', type(t).__name__)}")
-            if t.dim() != 4:
-                raise ValueError(f"PDLLoss: {name} must be (B, C, H, W), got shape {tuple(t.shape)}")
+            _checks.check_image("PDLLoss", name, t, rgb=builtin)
         if restored.shape != clean.shape:
             raise ValueError(f"PDLLoss: restored and clean shapes differ: {tuple(restored.shape)} vs {tuple(clean.shape)}")
+        self._range_check(restored, clean)
+        restored, clean = _checks.to_unit_range(restored, self.input_range), _checks.to_unit_range(clean, self.input_range)
         loss = self.pixel_weight * (restored - clean).abs().mean()
         if self.weight == 0:
             return loss

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create ./.venv (once), install the dev requirements, and build fastloss's C++ extension in
 # place with `pip install -e . --no-build-isolation` (so the torch already installed is the
-# one compiled against). Rebuilds only when csrc/ or setup.py changed since the last build.
+# one compiled against; FASTLOSS_REQUIRE_EXT=1 makes a failed C++ build fail here, loudly).
+# Rebuilds only when csrc/, setup.py, pyproject.toml or fastloss/build.py changed since the last build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,9 +16,10 @@ if [ ! -f "$req_stamp" ]; then
   python -m pip install -q -r requirements-dev.txt
   touch "$req_stamp"
 fi
-src_hash=$(cat setup.py $(find csrc -type f | sort) | sha256sum | cut -c1-16)
+src_hash=$(cat setup.py pyproject.toml fastloss/build.py $(find csrc -type f | sort) | sha256sum | cut -c1-16)
 if [ "$(cat .venv/.fastloss-build 2>/dev/null || true)" != "$src_hash" ] || ! python -c "import torch, fastloss._C" 2>/dev/null; then
   echo "building fastloss (C++ CPU extension)..." >&2
-  python -m pip install -q -e . --no-build-isolation --no-deps
+  FASTLOSS_REQUIRE_EXT=1 python -m pip install -q -e . --no-build-isolation --no-deps
+  python -c "import torch, fastloss._C"
   echo "$src_hash" > .venv/.fastloss-build
 fi

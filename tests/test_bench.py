@@ -38,6 +38,22 @@ def test_cli_end_to_end_writes_json_and_png(tmp_path, capsys):
     assert (tmp_path / "steps_per_sec.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cli_without_matplotlib_writes_table_and_json_and_names_the_extra(tmp_path, capsys, monkeypatch):
+    """matplotlib is in the bench extra only: without it the table, JSON and markdown are still
+    written, and the output says which extra adds the chart."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    md = tmp_path / "BENCH.md"
+    assert bench.main(TINY + ["--configs", "l1", "--out", str(tmp_path), "--markdown", str(md)]) == 0
+    out = capsys.readouterr().out
+    assert "L1 (pixel only)" in out  # the table
+    assert "no chart: matplotlib is not installed" in out and "fastloss[bench]" in out
+    assert json.loads((tmp_path / "results.json").read_text())["results"][0]["config"] == "l1"
+    assert not (tmp_path / "steps_per_sec.png").exists()
+    assert "no chart: matplotlib is not installed" in md.read_text()
+    with pytest.raises(SystemExit, match=r"fastloss\[bench\]"):
+        bench.main(["--demo", "--demo-steps", "1", "--crop", "16", "--width", "4", "--out", str(tmp_path)])
+
+
 def test_cli_demo_writes_side_by_side_pngs(tmp_path):
     assert bench.main(["--demo", "--demo-steps", "1", "--crop", "16", "--width", "4", "--batch-size", "1",
                        "--no-progress", "--out", str(tmp_path)]) == 0

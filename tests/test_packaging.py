@@ -48,6 +48,7 @@ def test_pure_python_install_falls_back_to_reference(pure_wheel, tmp_path):
             "print(len([m for m in w if 'falling back' in str(m.message)]))\n") % str(target)
     env = {k: v for k, v in os.environ.items() if k not in ("FASTLOSS_REQUIRE_EXT", "FASTLOSS_BACKEND")}
     env["PYTHONPATH"] = str(target)
+    env["FASTLOSS_CACHE_DIR"] = str(tmp_path / "no-cache")  # no `python -m fastloss.build` build either
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(tmp_path),
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

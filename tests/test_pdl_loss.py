@@ -86,7 +86,7 @@ def test_pdl_loss_bad_arguments():
     crit = fastloss.PDLLoss(layers=("relu1_1",), extractor_weights=None)
     with pytest.raises(ValueError, match="shapes differ"):
         crit(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 9))
-    with pytest.raises(ValueError, match=r"restored must be \(B, C, H, W\)"):
+    with pytest.raises(ValueError, match=r"restored must be \(B, 3, H, W\)"):
         crit(torch.rand(3, 8, 8), torch.rand(3, 8, 8))
     with pytest.raises(TypeError, match="restored must be a floating-point"):
         crit(torch.ones(1, 3, 8, 8, dtype=torch.uint8), torch.rand(1, 3, 8, 8))

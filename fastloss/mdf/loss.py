@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backend, _ext
+from .. import _backend, _checks, _ext
 from .weights import LAYERS, load
 
 _OP = "mdf"
@@ -56,14 +56,7 @@ _DTYPES = {"cpu": (torch.float32, torch.float64), "triton": _FLOATS, "cuda": _FL
 # --------------------------------------------------------------------------- input checks
 def _check_images(pred, target, op="MDFLoss"):
     for name, t in (("pred", pred), ("target", target)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
-        if t.dim() != 4:
-            raise ValueError(f"{op}: {name} must be (B, 3, H, W), got shape {tuple(t.shape)}")
-        if t.shape[1] != 3:
-            raise ValueError(f"{op}: {name} must have 3 channels (RGB), got {t.shape[1]} in shape {tuple(t.shape)}")
+        _checks.check_image(op, name, t)
         if t.shape[2] < MIN_SIZE or t.shape[3] < MIN_SIZE:
             raise ValueError(f"{op}: {name} is {t.shape[2]} x {t.shape[3]}, smaller than the {MIN_SIZE} x {MIN_SIZE} "
                              "the discriminators need (five unpadded 3x3 convolutions)")
@@ -711,6 +704,7 @@ class MDFLoss(nn.Module):
         self.widths = [self.weights.widths[i] for i in self.indices]
         self._folded = [fold(self.weights.discriminators[i], self.weights.eps) for i in self.indices]  # load time
         self._cache: Dict[tuple, object] = {}
+        self._range_check = _checks.RangeCheck("MDFLoss")
 
     def extra_repr(self):
         return (f"scales={self.scales}, ascending={self.ascending}, widths={self.widths}, backend={self.backend!r}, "
@@ -748,6 +742,7 @@ class MDFLoss(nn.Module):
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         _check_images(pred, target)
+        self._range_check(pred, target)
         if _half_on_cpu_backend(self.backend, pred.device, pred.dtype):
             # auto on the CPU: the cpu backend's kernels take float32 / float64, so float16 / bfloat16
             # images run there in float32 (not in the reference in their own dtype); the loss comes

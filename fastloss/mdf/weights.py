@@ -492,6 +492,9 @@ def _from_safetensors(raw: bytes, where: str) -> MDFWeights:
         tensors = st_load(raw)
     except Exception as e:
         raise WeightFileError(f"{where}: truncated or corrupt safetensors file ({type(e).__name__}: {e})") from None
+    if meta.get("format") != FORMAT and any(k.startswith("features.") for k in header):
+        raise WeightFileError(f"{where}: a VGG state dict in safetensors (features.0.weight, ...), not an MDF set; "
+                              "pass it to PDLLoss or D2SMLoss as extractor_weights=")
     if meta.get("format") != FORMAT:
         raise WeightFileError(f"{where}: a safetensors file but not an MDF set (metadata format="
                               f"{meta.get('format')!r}, expected {FORMAT!r})")
@@ -548,6 +551,10 @@ def load(weights: Union[str, "os.PathLike[str]", MDFWeights]) -> MDFWeights:
         raise TypeError(f"MDF: weights must be one of {SHIPPED}, a path or MDFWeights, got {type(weights).__name__}")
     raw = _read(path)
     if raw[:4] == b"PK\x03\x04":
+        if b"features.0.weight" in raw[:1 << 20] or b"features.0.bias" in raw[:1 << 20]:
+            raise WeightFileError(f"{path}: a VGG state dict (torchvision format, features.0.weight, ...), not an "
+                                  "MDF discriminator set; it is an extractor's weights: pass it to PDLLoss or "
+                                  "D2SMLoss as extractor_weights=, and give MDFLoss a shipped set or an MDF file")
         raise WeightFileError(f"{path}: a zip-format torch.save file; fastloss reads the published legacy .pth "
                               "files and its own safetensors format (see fastloss.mdf.convert)")
     if raw[:2] == b"\x80\x02":

@@ -1,0 +1,1 @@
+"""Adapters that register fastloss's losses with training frameworks (``fastloss.integrations.basicsr``)."""
