@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "0"  # compile, do not interpret (before triton is imported)
+if __name__ == "__main__":  # compile, do not interpret (before triton is imported); importing
+    os.environ["TRITON_INTERPRET"] = "0"  # this module (a test does) must not change the caller's mode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
