@@ -136,7 +136,10 @@ def poison(device):
     """Fill freed allocator blocks with 0xFF bytes (NaN for floats, -1 for ints) so that the next
     allocations of a fast call start from garbage, not from an earlier result's bytes."""
     device = torch.device(device)
-    sizes = [1 << k for k in range(9, 27)] if device.type == "cuda" else [1 << k for k in range(9, 17)]
+    if device.type == "cuda":  # the caching allocator hands these blocks out next
+        sizes = [1 << k for k in range(9, 27)]
+    else:  # best effort: the heap's small-block lists, a few of each size
+        sizes = [n for k in range(4, 17) for n in (1 << k, 3 << (k - 1)) for _ in range(4)]
     blocks = [torch.empty(n, dtype=torch.uint8, device=device).fill_(0xFF) for n in sizes]
     del blocks
 
