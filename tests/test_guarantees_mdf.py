@@ -160,7 +160,7 @@ def test_mdf_foreign_weight_files(tmp_path):
     # a real torch.save (zip) state dict, and a real safetensors file of the features side
     sd = _vgg_state_dict("vgg16", "relu1_2")
     torch.save(sd, tmp_path / "vgg.pth")
-    with pytest.raises(WeightFileError, match="zip-format torch.save file"):
+    with pytest.raises(WeightFileError, match="a VGG state dict"):
         fastloss.MDFLoss(str(tmp_path / "vgg.pth"))
     from safetensors.torch import save_file
 
@@ -238,7 +238,7 @@ def test_features_truncated_weight_file(tmp_path, fmt, keep):
 
 def test_features_wrong_format_and_wrong_shapes(tmp_path):
     # the shipped MDF set (safetensors of another model)
-    with pytest.raises(ValueError, match=r"missing key features\.0\.weight"):
+    with pytest.raises(ValueError, match=r"is an MDF discriminator set"):
         vgg16(layers="relu1_1", weights=fastloss.mdf.shipped_path("denoise"))
     # a text file, and a NumPy file
     (tmp_path / "w.json").write_text('{"features.0.weight": [1, 2, 3]}')
