@@ -280,7 +280,7 @@ def main(argv=None):
     if args.print_dir:
         print(cache_dir())
         return 0
-    print(f"fastloss.build: compiling the C++ extension against torch (this takes a few minutes)...", file=sys.stderr)
+    print("fastloss.build: compiling the C++ extension against torch (this takes a few minutes)...", file=sys.stderr)
     try:
         folder, status = build(cuda=False if args.no_cuda else None, force=args.force, verbose=args.verbose)
     except SystemExit:

@@ -31,7 +31,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 

@@ -56,6 +56,22 @@ def _select(ptrs, m):
 
 
 @triton.jit
+def _chunk(desc_ptr, xs, ws, M, k, BLOCK: tl.constexpr):
+    """Chunk k of the table: its tensor m, that tensor's data pointer, elements per sample n, the
+    chunk's offsets and mask, and the channel weight of each offset."""
+    m = _find_tensor(desc_ptr, M, k)
+    row = desc_ptr + m * 4
+    n = tl.load(row + 0)
+    C = tl.load(row + 1)
+    cdiv = tl.load(row + 2)
+    first = tl.load(row + 3)
+    offs = (k - first).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    wc = tl.load(_select(ws, m) + (offs // cdiv) % C, mask=mask, other=0)
+    return m, _select(xs, m), n, offs, mask, wc
+
+
+@triton.jit
 def _mdf_fwd_kernel(
     desc_ptr,                      # [M, 4] int64 shape table: elements per sample, C, cdiv, first chunk
     xs, ws, outs,                  # M-tuples of pointers: features, weights [C_m], diffs (SAVE_DIFF)
@@ -65,20 +81,9 @@ def _mdf_fwd_kernel(
 ):
     k = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    m = _find_tensor(desc_ptr, M, k)
-    row = desc_ptr + m * 4
-    x = _select(xs, m)
-    n = tl.load(row + 0)
-    C = tl.load(row + 1)
-    cdiv = tl.load(row + 2)
-    w = _select(ws, m)
-    first = tl.load(row + 3)
-    offs = (k - first).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    m, x, n, offs, mask, wc = _chunk(desc_ptr, xs, ws, M, k, BLOCK)
     p = tl.load(x + b * n + offs, mask=mask, other=0).to(ACC_DTYPE)
     t = tl.load(x + (B + b) * n + offs, mask=mask, other=0).to(ACC_DTYPE)
-    c = (offs // cdiv) % C
-    wc = tl.load(w + c, mask=mask, other=0)
     d = p - t
     if SAVE_DIFF:
         out = _select(outs, m)
@@ -96,20 +101,9 @@ def _mdf_bwd_kernel(
 ):
     k = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    m = _find_tensor(desc_ptr, M, k)
-    row = desc_ptr + m * 4
-    x = _select(xs, m)
-    n = tl.load(row + 0)
-    C = tl.load(row + 1)
-    cdiv = tl.load(row + 2)
-    w = _select(ws, m)
+    m, x, n, offs, mask, wc = _chunk(desc_ptr, xs, ws, M, k, BLOCK)
     out = _select(outs, m)
-    first = tl.load(row + 3)
-    offs = (k - first).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
     d = tl.load(x + b * n + offs, mask=mask, other=0).to(ACC_DTYPE)
-    c = (offs // cdiv) % C
-    wc = tl.load(w + c, mask=mask, other=0)
     g2 = 2.0 * tl.load(grad_ptr + b)
     tl.store(out + b * n + offs, (g2 * wc * d).to(out.dtype.element_ty), mask=mask)
 

@@ -189,6 +189,7 @@ def test_inputs_keep_their_layout():
     assert torch.isnan(x).sum() == 4 and (x.view(torch.int32)[torch.isnan(x)] < 0).sum() == 2
 
 
+@requires_cpu_ext
 def test_tf32_is_off_inside_and_restored():
     seen = []
 
@@ -200,9 +201,8 @@ def test_tf32_is_off_inside_and_restored():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
         monkey = [selftest.Case("probe", "pdl", torch.float32, probe)]
-        code, _, _ = _quick(["cpu"], case_list=monkey) if _backend.status("cpu")[0] else (0, None, None)
-        if _backend.status("cpu")[0]:
-            assert code == 0 and seen == [(False, False)]
+        code, _, _ = _quick(["cpu"], case_list=monkey)
+        assert code == 0 and seen == [(False, False)]
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
