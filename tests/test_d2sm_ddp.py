@@ -78,6 +78,7 @@ def _worker(rank, port, out_dir):
         torch.save({"results": results, "queue": queue.state_dict(), "training": training},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        dist.barrier()  # both ranks done before either tears down (gloo aborts otherwise)
         dist.destroy_process_group()
 
 

@@ -174,6 +174,7 @@ _DDP_WORKER = textwrap.dedent("""
         ddp = DDP(model)
         n = x.shape[0] // world
         crit(ddp(x[rank * n:(rank + 1) * n]), y[rank * n:(rank + 1) * n]).backward()
+        dist.barrier()  # both ranks done before either tears down (gloo aborts otherwise)
         dist.destroy_process_group()
     if rank == 0:
         json.dump(grads(model), open(out, "w"))

@@ -491,6 +491,7 @@ _DDP_WORKER = textwrap.dedent("""
         n = x.shape[0] // world
         loss = crit(ddp(x[rank * n:(rank + 1) * n]), y[rank * n:(rank + 1) * n])
         loss.backward()
+        dist.barrier()  # both ranks done before either tears down (gloo aborts otherwise)
         dist.destroy_process_group()
     if rank == 0:
         json.dump({"loss": loss.item(), "grads": [p.grad.flatten().tolist() for p in model.parameters()]},
