@@ -1,12 +1,13 @@
 """GPU resources of every kernel, compiled ahead of time without a GPU (issue 13).
 
-    python benchmarks/gpu_static.py [--quick] [--json FILE] [--markdown FILE] [--no-cuda] [--jobs N]
+    python benchmarks/gpu_static.py [--quick | --step] [--json FILE] [--markdown FILE] [--no-cuda] [--jobs N]
 
 For sm_80 and sm_90: every Triton kernel variant the dispatch can launch (``triton.compile`` with
 a ``GPUTarget``; registers, spills and shared memory from the compiled kernel's metadata) and
 every CUDA kernel (``nvcc -Xptxas -v`` with the flags setup.py gives torch's extension build).
 ``--quick`` compiles a representative subset: each kernel, each dtype class and each block-size
-class (the smallest and the largest block of every kernel). Each row: kernel, variant, arch,
+class (the smallest and the largest block of every kernel); ``--step`` only the variants of a default
+training step (below), a minute's check that CI runs. Each row: kernel, variant, arch,
 registers, spill_bytes, shared_bytes, compile_s. A kernel's name starts with the loss it serves
 (pdl, d2sm, mdf). Also prints the compile seconds of the variants a default training step of
 PDLLoss, D2SMLoss and MDFLoss (float32 and bfloat16) needs, and writes the ``gpu-static``
@@ -268,8 +269,11 @@ def _ptxas_resources(ptx, arch):
     return int(m.group(1)), (int(sp.group(1)) + int(sp.group(2))) if sp else 0
 
 
-def triton_rows(quick, jobs):
+def triton_rows(quick, jobs, step_only=False):
     variants = triton_variants(quick)
+    if step_only:
+        step = set(default_step_keys())
+        variants = [v for v in variants if (v[0], v[1]) in step]
     work = [(k, v, fn, mod.__name__, sig, const, nw, arch) for (k, v, fn, mod, sig, const, nw) in variants
             for arch in ARCHS]
     # constexprs holding Triton dtypes travel as their names (they pickle poorly across versions)
@@ -410,7 +414,7 @@ def markdown(rows, args, step_total, step_missing, wall):
 
     from common import markdown_table
 
-    cmd = "python benchmarks/gpu_static.py" + (" --quick" if args.quick else "")
+    cmd = "python benchmarks/gpu_static.py" + (" --quick" if args.quick else "") + (" --step" if args.step else "")
     if args.triton_from_json:
         cmd += f" --triton-from-json {args.triton_from_json}` (the CUDA rows; the Triton rows from an earlier `{cmd} --json` run)"
     nvcc = shutil.which(args.nvcc) or args.nvcc
@@ -443,6 +447,9 @@ def markdown(rows, args, step_total, step_missing, wall):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a covering subset of the Triton variants")
+    ap.add_argument("--step", action="store_true",
+                    help="only the Triton variants of a default training step (PDLLoss, D2SMLoss, MDFLoss; "
+                         "float32 and bfloat16)")
     ap.add_argument("--json", help="write the rows to this file")
     ap.add_argument("--markdown", help="write the gpu-static section to this file instead of BENCHMARKS.md")
     ap.add_argument("--no-markdown", action="store_true", help="write no Markdown")
@@ -458,7 +465,7 @@ def main(argv=None):
     if args.triton_from_json:
         rows = [r for r in json.loads(Path(args.triton_from_json).read_text()) if not r["kernel"].endswith("(cuda)")]
     else:
-        rows = triton_rows(args.quick, args.jobs)
+        rows = triton_rows(args.quick, args.jobs, step_only=args.step)
     if not args.no_cuda:
         print("CUDA kernels:", flush=True)
         rows += cuda_rows(args.nvcc)

@@ -12,7 +12,8 @@ tests/test_mdf_sensitivity.py checks that every curve grows monotonically.
 
 Then two comparisons of the shipped sets with the published ones (issue 15), on natural
 photographs that no set was trained on (96 x 96 crops of scikit-image's CC0 / public-domain
-``astronaut``, ``coffee``, ``chelsea`` and ``rocket`` when scikit-image is installed, else three
+``astronaut``, ``coffee``, ``chelsea`` and ``rocket`` when scikit-image is installed, less any
+that a shipped set was trained on, found by the seed hashes in the sets' metadata; else three
 procedural scenes):
 
 - rank agreement: per image, the loss of each set on a grid of 16 distortions (Gaussian noise at 5
@@ -81,21 +82,46 @@ PSNR_LEVELS = (20.0, 30.0, 40.0)
 EQUAL_PSNR = ("noise", "blur", "jpeg", "contrast", "brightness")
 
 
-def natural_images(size=96):
+def seed_hashes(tasks=("denoise", "jpeg")):
+    """sha256 of every seed image the shipped sets of ``tasks`` were trained on (their metadata)."""
+    import json
+
+    from fastloss.mdf.weights import load
+
+    out = set()
+    for task in tasks:
+        rec = json.loads(load(task).metadata.get("training", "{}") or "{}")
+        out |= {s["sha256"] for s in rec.get("seed_images", [])}
+        if rec.get("seed_image_sha256"):
+            out.add(rec["seed_image_sha256"])
+    return out
+
+
+def natural_images(size=96, exclude_sha256=None):
     """(names, (N, 3, size, size)) in [0, 1], 8-bit: central crops of scikit-image's photographs
-    (downscaled by 2 first), or procedural scenes where scikit-image is not installed."""
+    (downscaled by 2 first) other than the shipped sets' seed images (``exclude_sha256``, default
+    ``seed_hashes()``: compared with the hash of scikit-image's file), or procedural scenes where
+    scikit-image is not installed."""
+    import hashlib
+
     try:
         import skimage.data as data
     except ImportError:
         return ["scene 11", "scene 12", "scene 13"], images(size, seeds=(11, 12, 13))
-    out = []
+    exclude = seed_hashes() if exclude_sha256 is None else set(exclude_sha256)
+    folder = os.path.dirname(data.__file__)
+    names, out = [], []
     for name in NATURAL:
+        files = [f for f in os.listdir(folder) if os.path.splitext(f)[0] == name]
+        if files and hashlib.sha256(open(os.path.join(folder, files[0]), "rb").read()).hexdigest() in exclude:
+            continue  # a training image
         x = torch.from_numpy(getattr(data, name)()).permute(2, 0, 1).float().div(255)[None]
         x = torch.nn.functional.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True, align_corners=False)
         h, w = x.shape[2:]
         t, l = (h - size) // 2, (w - size) // 2
         out.append(x[:, :, t:t + size, l:l + size])
-    return list(NATURAL), torch.cat(out).clamp(0, 1).mul(255).round().div(255)
+        names.append(name)
+    return names, torch.cat(out).clamp(0, 1).mul(255).round().div(255)
 
 
 def gaussian_blur(x, sigma):

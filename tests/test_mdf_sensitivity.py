@@ -88,3 +88,21 @@ def test_distortion_grid_worsens_within_each_family(x):
     for family in ("noise", "jpeg", "blur"):
         p = [S.psnr(d, img) for label, d in grid if label.startswith(family)]
         assert all(b < a for a, b in zip(p, p[1:])), (family, p)
+
+
+def test_natural_test_images_leave_out_the_training_images():
+    """The rank-agreement images are scikit-image's photographs less every seed image of the shipped
+    sets, matched by the sha256 their metadata records (a name can be reused; a hash cannot)."""
+    data = pytest.importorskip("skimage.data")
+    import hashlib
+
+    folder = os.path.dirname(data.__file__)
+    sha = {os.path.splitext(f)[0]: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest()
+           for f in os.listdir(folder) if os.path.splitext(f)[0] in S.NATURAL}
+    names, xs = S.natural_images(exclude_sha256=set())
+    assert names == list(S.NATURAL) and xs.shape == (len(S.NATURAL), 3, 96, 96)
+    names, xs = S.natural_images(exclude_sha256={sha["coffee"]})
+    assert names == [n for n in S.NATURAL if n != "coffee"] and xs.shape[0] == len(S.NATURAL) - 1
+    names, _ = S.natural_images()  # the default: the shipped sets' own seeds
+    seeds = S.seed_hashes()
+    assert names == [n for n in S.NATURAL if sha[n] not in seeds]

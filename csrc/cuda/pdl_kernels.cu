@@ -11,16 +11,20 @@
 //     int32 positions (the smallest of 128x1, 128x2, 128x4, 256x4, 256x8, 512x8 threads x items
 //     that holds N; the tail padded with an all-ones key), and the difference, |d|^p, deriv and
 //     the block reduction to W in the same kernel: one launch, nothing but the outputs in memory.
-//   N > 4096: keys + positions into a workspace, cub::DeviceSegmentedRadixSort::SortPairs (one
+//   N > 4096: keys + positions into a workspace, cub::DeviceSegmentedSort::StableSortPairs (one
 //     segment per row; perm / perm_t are its value outputs), then one fused kernel for the
 //     difference, deriv and W. Rows go in chunks of <= 2^25 elements (cub counts items in int),
-//     which also bounds the workspace (pdl_forward_workspace_bytes).
+//     which also bounds the workspace (pdl_forward_workspace_bytes); each chunk is sorted
+//     SORT_SEGMENTS_PER_CALL rows per call (see there).
+//     Not cub::DeviceSegmentedRadixSort: compiled for sm_90 (CUDA 13.0), its kernel spills 24 bytes
+//     (pairs) and 4 bytes (keys only) at the tuning policy CUB picks (benchmarks/gpu_static.py,
+//     issue 13); DeviceSegmentedSort's kernels spill nothing on sm_80 or sm_90.
 // Backward is one scatter kernel over (row, rank).
 #include "cuda/pdl_kernels.cuh"
 #include "cuda/pdl_launch.h"
 #include "cuda/status.h"
 
-#include <cub/device/device_segmented_radix_sort.cuh>
+#include <cub/device/device_segmented_sort.cuh>
 
 #include <algorithm>
 #include <climits>
@@ -38,6 +42,12 @@ constexpr int SEGMENTED_BLOCK_THREADS = 256;
 constexpr int ELEMENTWISE_BLOCK_THREADS = 256;
 constexpr int64_t ELEMENTWISE_MAX_GRID = int64_t(1) << 20;  // grid-stride loops beyond this
 constexpr size_t WORKSPACE_ALIGN = 256;
+// Rows per cub::DeviceSegmentedSort call. Above PARTITIONING_THRESHOLD segments (300 or 500 by
+// arch in CUDA 13.0's tuning_segmented_sort.cuh) CUB first partitions the segments by size and
+// copies the group sizes to the host with a stream synchronisation (dispatch_segmented_sort.cuh,
+// without relocatable device code), which would stall every step and break CUDA-graph capture.
+// At most 256 segments per call it runs one kernel, a block per segment, and never synchronises.
+constexpr int64_t SORT_SEGMENTS_PER_CALL = 256;
 static_assert(512 * 8 == PDL_BLOCK_SORT_MAX_N, "the largest block-sort tile must be PDL_BLOCK_SORT_MAX_N");
 
 template <typename T> struct TypeTag { using type = T; };
@@ -92,29 +102,39 @@ PdlStatus block_forward(const PdlForwardParams& params, cudaStream_t stream) {
 
 size_t align_up(size_t bytes) { return (bytes + WORKSPACE_ALIGN - 1) / WORKSPACE_ALIGN * WORKSPACE_ALIGN; }
 
+// A target without grad is sorted keys only, except float64's: compiled for sm_80 (CUDA 13.0),
+// DeviceSegmentedSort's 64-bit keys-only kernels spill 76 bytes and its pairs kernels nothing, so
+// float64 sorts (key, position) pairs and drops the positions into a scratch slot.
+template <typename key_t> inline constexpr bool kKeysOnlyTarget = sizeof(key_t) == 4;
+
 // Byte offsets into the workspace, for chunks of chunk_rows rows. keys_a holds the pred keys and,
-// once pred is sorted, receives the sorted target keys.
+// once pred is sorted, receives the sorted target keys. scratch_positions: the discarded payload
+// of a float64 target sorted without grad.
 struct SegmentedLayout {
   int64_t chunk_rows = 0;
-  size_t keys_a = 0, keys_b = 0, pred_sorted = 0, positions = 0, offsets = 0, cub_temp = 0;
+  size_t keys_a = 0, keys_b = 0, pred_sorted = 0, positions = 0, scratch_positions = 0, offsets = 0, cub_temp = 0;
   size_t cub_temp_bytes = 0, total_bytes = 0;
 };
 
+// Temp storage of one sort call: at most SORT_SEGMENTS_PER_CALL rows of N.
 template <typename key_t>
 cudaError_t cub_sort_bytes(int64_t chunk_rows, int64_t N, bool target_grad, size_t* bytes) {
-  const int items = static_cast<int>(chunk_rows * N);
-  const int segments = static_cast<int>(chunk_rows);
+  const int64_t call_rows = std::min(chunk_rows, SORT_SEGMENTS_PER_CALL);
+  const int items = static_cast<int>(call_rows * N);
+  const int segments = static_cast<int>(call_rows);
   const int32_t* offsets = nullptr;
   size_t pairs_bytes = 0, keys_bytes = 0;
-  cudaError_t err = cub::DeviceSegmentedRadixSort::SortPairs(
+  cudaError_t err = cub::DeviceSegmentedSort::StableSortPairs(
       nullptr, pairs_bytes, static_cast<const key_t*>(nullptr), static_cast<key_t*>(nullptr),
       static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), items, segments, offsets, offsets + 1);
   if (err != cudaSuccess) return err;
-  if (!target_grad) {
-    err = cub::DeviceSegmentedRadixSort::SortKeys(nullptr, keys_bytes, static_cast<const key_t*>(nullptr),
-                                                  static_cast<key_t*>(nullptr), items, segments, offsets,
-                                                  offsets + 1);
-    if (err != cudaSuccess) return err;
+  if constexpr (kKeysOnlyTarget<key_t>) {
+    if (!target_grad) {
+      err = cub::DeviceSegmentedSort::StableSortKeys(nullptr, keys_bytes, static_cast<const key_t*>(nullptr),
+                                                     static_cast<key_t*>(nullptr), items, segments, offsets,
+                                                     offsets + 1);
+      if (err != cudaSuccess) return err;
+    }
   }
   *bytes = std::max(pairs_bytes, keys_bytes);
   return cudaSuccess;
@@ -141,6 +161,8 @@ cudaError_t segmented_layout(const PdlForwardParams& params, SegmentedLayout* la
   l.keys_b = take(elements * sizeof(key_t));
   l.pred_sorted = take(elements * sizeof(key_t));
   l.positions = take(elements * sizeof(int32_t));
+  const bool scratch = params.perm_t_ptr == nullptr && !kKeysOnlyTarget<key_t>;
+  l.scratch_positions = take(scratch ? elements * sizeof(int32_t) : 0);
   l.offsets = take(static_cast<size_t>(chunk_rows + 1) * sizeof(int32_t));
   l.cub_temp = take(l.cub_temp_bytes);
   l.total_bytes = at;
@@ -154,7 +176,7 @@ PdlStatus segmented_forward(const PdlForwardParams& params, cudaStream_t stream)
   using key_t = typename KeyOf<acc_t>::type;
   SegmentedLayout layout;
   FASTLOSS_CUDA_RETURN_IF_ERROR(segmented_layout<key_t>(params, &layout),
-                                "cub::DeviceSegmentedRadixSort temp-storage query");
+                                "cub::DeviceSegmentedSort temp-storage query");
   if (params.workspace_ptr == nullptr || params.workspace_bytes < layout.total_bytes)
     return make_status(cudaErrorInvalidValue, "pdl_forward_cuda: workspace smaller than pdl_forward_workspace_bytes()");
 
@@ -163,6 +185,9 @@ PdlStatus segmented_forward(const PdlForwardParams& params, cudaStream_t stream)
   key_t* keys_b = reinterpret_cast<key_t*>(workspace + layout.keys_b);            // [chunk, N]
   key_t* pred_sorted = reinterpret_cast<key_t*>(workspace + layout.pred_sorted);  // [chunk, N]
   int32_t* positions = reinterpret_cast<int32_t*>(workspace + layout.positions);  // [chunk, N]
+  int32_t* target_positions = params.perm_t_ptr != nullptr  // [chunk, N] rows of perm_t, or scratch
+                                  ? nullptr
+                                  : reinterpret_cast<int32_t*>(workspace + layout.scratch_positions);
   int32_t* offsets = reinterpret_cast<int32_t*>(workspace + layout.offsets);      // [chunk + 1]
   void* cub_temp = workspace + layout.cub_temp;
 
@@ -170,12 +195,10 @@ PdlStatus segmented_forward(const PdlForwardParams& params, cudaStream_t stream)
   acc_t* w_ptr = static_cast<acc_t*>(params.w_ptr);
   int8_t* sign_ptr = params.p == 1 ? static_cast<int8_t*>(params.deriv_ptr) : nullptr;
   acc_t* d2_ptr = params.p == 2 ? static_cast<acc_t*>(params.deriv_ptr) : nullptr;
-  constexpr int end_bit = static_cast<int>(sizeof(key_t) * 8);
 
   for (int64_t row_begin = 0; row_begin < rows; row_begin += layout.chunk_rows) {
     const int64_t chunk_rows = std::min(layout.chunk_rows, rows - row_begin);
     const int64_t elements = chunk_rows * N;
-    const int items = static_cast<int>(elements), segments = static_cast<int>(chunk_rows);
 
     const int64_t key_grid = std::min(ELEMENTWISE_MAX_GRID,
                                       (elements + ELEMENTWISE_BLOCK_THREADS - 1) / ELEMENTWISE_BLOCK_THREADS);
@@ -186,27 +209,43 @@ PdlStatus segmented_forward(const PdlForwardParams& params, cudaStream_t stream)
         params.C, N);
     FASTLOSS_CUDA_RETURN_IF_ERROR(cudaGetLastError(), "pdl make-keys kernel launch");
 
-    size_t temp_bytes = layout.cub_temp_bytes;
-    FASTLOSS_CUDA_RETURN_IF_ERROR(
-        cub::DeviceSegmentedRadixSort::SortPairs(
-            cub_temp, temp_bytes, static_cast<const key_t*>(keys_a), pred_sorted,
-            static_cast<const int32_t*>(positions), params.perm_ptr + row_begin * N, items, segments,
-            static_cast<const int32_t*>(offsets), static_cast<const int32_t*>(offsets) + 1, 0, end_bit, stream),
-        "cub::DeviceSegmentedRadixSort::SortPairs (pred rows)");
-    temp_bytes = layout.cub_temp_bytes;
-    if (params.perm_t_ptr != nullptr) {
+    // Sort SORT_SEGMENTS_PER_CALL rows per call. offsets[k] = k * N, so the first call_rows + 1
+    // offsets serve every call once the key / value pointers start at the call's first row.
+    for (int64_t call_begin = 0; call_begin < chunk_rows; call_begin += SORT_SEGMENTS_PER_CALL) {
+      const int64_t call_rows = std::min(SORT_SEGMENTS_PER_CALL, chunk_rows - call_begin);
+      const int64_t at = call_begin * N;
+      const int items = static_cast<int>(call_rows * N), segments = static_cast<int>(call_rows);
+      const int32_t* begin_offsets = offsets;
+      size_t temp_bytes = layout.cub_temp_bytes;
       FASTLOSS_CUDA_RETURN_IF_ERROR(
-          cub::DeviceSegmentedRadixSort::SortPairs(
-              cub_temp, temp_bytes, static_cast<const key_t*>(keys_b), keys_a,
-              static_cast<const int32_t*>(positions), params.perm_t_ptr + row_begin * N, items, segments,
-              static_cast<const int32_t*>(offsets), static_cast<const int32_t*>(offsets) + 1, 0, end_bit, stream),
-          "cub::DeviceSegmentedRadixSort::SortPairs (target rows)");
-    } else {
-      FASTLOSS_CUDA_RETURN_IF_ERROR(
-          cub::DeviceSegmentedRadixSort::SortKeys(
-              cub_temp, temp_bytes, static_cast<const key_t*>(keys_b), keys_a, items, segments,
-              static_cast<const int32_t*>(offsets), static_cast<const int32_t*>(offsets) + 1, 0, end_bit, stream),
-          "cub::DeviceSegmentedRadixSort::SortKeys (target rows)");
+          cub::DeviceSegmentedSort::StableSortPairs(
+              cub_temp, temp_bytes, static_cast<const key_t*>(keys_a) + at, pred_sorted + at,
+              static_cast<const int32_t*>(positions) + at, params.perm_ptr + row_begin * N + at, items, segments,
+              begin_offsets, begin_offsets + 1, stream),
+          "cub::DeviceSegmentedSort::StableSortPairs (pred rows)");
+      temp_bytes = layout.cub_temp_bytes;
+      auto sort_target_pairs = [&](int32_t* target_out) -> PdlStatus {
+        FASTLOSS_CUDA_RETURN_IF_ERROR(
+            cub::DeviceSegmentedSort::StableSortPairs(
+                cub_temp, temp_bytes, static_cast<const key_t*>(keys_b) + at, keys_a + at,
+                static_cast<const int32_t*>(positions) + at, target_out, items, segments, begin_offsets,
+                begin_offsets + 1, stream),
+            "cub::DeviceSegmentedSort::StableSortPairs (target rows)");
+        return {};
+      };
+      PdlStatus target_status;
+      if (params.perm_t_ptr != nullptr) {
+        target_status = sort_target_pairs(params.perm_t_ptr + row_begin * N + at);
+      } else if constexpr (kKeysOnlyTarget<key_t>) {  // (a discarded branch is never instantiated)
+        FASTLOSS_CUDA_RETURN_IF_ERROR(
+            cub::DeviceSegmentedSort::StableSortKeys(cub_temp, temp_bytes, static_cast<const key_t*>(keys_b) + at,
+                                                     keys_a + at, items, segments, begin_offsets, begin_offsets + 1,
+                                                     stream),
+            "cub::DeviceSegmentedSort::StableSortKeys (target rows)");
+      } else {
+        target_status = sort_target_pairs(target_positions + at);
+      }
+      if (!target_status.ok()) return target_status;
     }
 
     pdl::pdl_sorted_rows_kernel<acc_t, SEGMENTED_BLOCK_THREADS>
@@ -247,7 +286,7 @@ PdlStatus pdl_forward_workspace_bytes(const PdlForwardParams& params, size_t* by
     using acc_t = typename AccOf<typename decltype(tag)::type>::type;
     SegmentedLayout layout;
     FASTLOSS_CUDA_RETURN_IF_ERROR(segmented_layout<typename KeyOf<acc_t>::type>(params, &layout),
-                                  "cub::DeviceSegmentedRadixSort temp-storage query");
+                                  "cub::DeviceSegmentedSort temp-storage query");
     *bytes = layout.total_bytes;
     return {};
   });

@@ -17,7 +17,7 @@ enum class PdlDtype : int32_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloa
 
 // Rows of at most this many elements are sorted by one thread block each (cub::BlockRadixSort,
 // all of the forward fused into one kernel); longer rows go through
-// cub::DeviceSegmentedRadixSort into a workspace, then a fused difference/reduction kernel.
+// cub::DeviceSegmentedSort into a workspace, then a fused difference/reduction kernel.
 inline constexpr int64_t PDL_BLOCK_SORT_MAX_N = 4096;
 
 // pred / target: [B, C, N] of `dtype`, any strides (elements). Outputs are contiguous:
