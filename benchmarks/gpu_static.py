@@ -414,7 +414,8 @@ def markdown(rows, args, step_total, step_missing, wall):
 
     from common import markdown_table
 
-    cmd = "python benchmarks/gpu_static.py" + (" --quick" if args.quick else "") + (" --step" if args.step else "")
+    cmd = "python benchmarks/gpu_static.py" + (" --quick" if args.quick else "") + (" --step" if args.step else "") \
+        + (" --no-cuda" if args.no_cuda else "") + (f" --section {args.section}" if args.section != "gpu-static" else "")
     if args.triton_from_json:
         cmd += f" --triton-from-json {args.triton_from_json}` (the CUDA rows; the Triton rows from an earlier `{cmd} --json` run)"
     nvcc = shutil.which(args.nvcc) or args.nvcc
@@ -422,7 +423,9 @@ def markdown(rows, args, step_total, step_missing, wall):
         if not args.no_cuda else ["(CUDA kernels not compiled)"]
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                platform.processor())
-    lines = ["## GPU kernels compiled ahead of time (no GPU)", "",
+    title = "## GPU kernels compiled ahead of time (no GPU)" + (f", Triton {triton.__version__}"
+                                                               if args.section != "gpu-static" else "")
+    lines = [title, "",
              f"Command: `{cmd}{'' if args.triton_from_json else '`'} ({len(rows)} rows, {wall:.0f} s wall with {args.jobs} compile processes). Compiler "
              "figures for sm_80 and sm_90, not GPU measurements: registers per thread, spill bytes (stores + loads), "
              "shared memory per block (Triton: its dynamic shared memory; CUDA: static `__shared__`), compile seconds "
@@ -453,6 +456,9 @@ def main(argv=None):
     ap.add_argument("--json", help="write the rows to this file")
     ap.add_argument("--markdown", help="write the gpu-static section to this file instead of BENCHMARKS.md")
     ap.add_argument("--no-markdown", action="store_true", help="write no Markdown")
+    ap.add_argument("--section", default="gpu-static",
+                    help="name of the BENCHMARKS.md section to write (default gpu-static; e.g. a second Triton "
+                         "version's run: gpu-static-triton-3.6)")
     ap.add_argument("--no-cuda", action="store_true", help="skip the CUDA kernels")
     ap.add_argument("--nvcc", default=shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc")
     ap.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
@@ -485,11 +491,11 @@ def main(argv=None):
         if args.markdown:
             from fastloss.bench import write_markdown_section
 
-            write_markdown_section(args.markdown, "gpu-static", text)
+            write_markdown_section(args.markdown, args.section, text)
         else:
             from common import write_section
 
-            write_section("gpu-static", text)
+            write_section(args.section, text)
     return 1 if bad else 0
 
 
