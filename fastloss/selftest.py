@@ -317,6 +317,10 @@ def _pdl_cases(full):
                 cases.append(_pdl_case(n, 1, True, dtype, kind="nan", seed=n))
         # the CUDA segmented sort takes rows in chunks of <= 2^25 elements: 35M elements, two chunks
         cases.append(_pdl_case(50176, 1, True, torch.float32, kind="zeros", rows=(2, 350)))
+        # and sorts 256 rows per cub::DeviceSegmentedSort call: 300 rows, two calls, for each way the
+        # target is sorted (pairs into perm_t; float32 keys only; float64 pairs into scratch)
+        for p, tg, dtype in ((1, True, torch.float32), (1, False, torch.float32), (2, False, torch.float64)):
+            cases.append(_pdl_case(8193, p, tg, dtype, kind="nan", rows=(3, 100), seed=p))
         return cases
     for n in PDL_N_QUICK:
         for p in (1, 2):
