@@ -38,15 +38,31 @@ def test_jpeg_loss_grows_as_quality_falls(x, weights):
     assert vals[0] > 0 and _increasing(vals), vals
 
 
+COFFEE_SHA256 = "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7"  # scikit-image 0.26's coffee.png
+NATURAL_SETS = ("denoise", "jpeg")  # retrained on a photograph (issue 15); sisr still on the procedural seed
+
+
 @pytest.mark.parametrize("name", fastloss.mdf.SHIPPED)
 def test_shipped_sets_load_with_their_training_record(name):
     w = fastloss.mdf.load(name)
     assert len(w) == 8 and w.widths == (16,) * 4 + (32,) * 4
     meta = w.metadata
-    assert meta["options"]["task"] == name and meta["seed_image"] == "seed.png"
-    assert meta["command"].startswith("python -m fastloss.mdf.train --seed-image fastloss/mdf/data/seed.png "
-                                      f"--task {name} --out fastloss/mdf/data/{name}.safetensors")
+    assert meta["options"]["task"] == name
     assert os.path.getsize(fastloss.mdf.shipped_path(name)) < 1_000_000
+    if name not in NATURAL_SETS:
+        assert meta["seed_image"] == "seed.png"
+        assert meta["command"].startswith("python -m fastloss.mdf.train --seed-image fastloss/mdf/data/seed.png "
+                                          f"--task {name} --out fastloss/mdf/data/{name}.safetensors")
+        return
+    # the natural seed: its file, hash and license, and the paper's recipe as far as it went
+    assert meta["seed_image"] == "coffee.png" and meta["seed_image_sha256"] == COFFEE_SHA256
+    assert meta["seed_images"] == [{"file": "coffee.png", "sha256": COFFEE_SHA256}]
+    assert "CC0" in meta["seed_source"] and "scikit-image" in meta["seed_source"]
+    opts = meta["options"]
+    assert (opts["resample"], opts["alpha"], opts["distortion_as_noise"], opts["first_input"]) == \
+        ("lanczos", 100.0, True, "seed")
+    assert (opts["scales"], opts["scale_factor"], opts["max_size"], opts["iters"]) == (8, 0.75, 128, 1000)
+    assert f"--task {name} " in meta["command"] and meta["sizes"][-1] == [85, 128]
 
 
 def test_default_loss_needs_no_file(x):

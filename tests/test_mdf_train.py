@@ -181,7 +181,9 @@ def test_first_input_and_distortion_as_noise():
 def test_several_seed_images(tmp_path):
     seeds = [_png(tmp_path / "a.png", 20, 20, 3), _png(tmp_path / "b.png", 24, 18, 4)]
     out = tmp_path / "m.safetensors"
-    assert train.main(["--seed-image", *seeds, "--task", "jpeg", "--out", str(out)] + TINY) == 0
+    assert train.main(["--seed-image", *seeds, "--task", "jpeg", "--out", str(out),
+                       "--seed-source", "drawn by this test, CC0"] + TINY) == 0
     meta = fastloss.mdf.load(out).metadata
     assert [s["file"] for s in meta["seed_images"]] == ["a.png", "b.png"]
+    assert meta["seed_source"] == "drawn by this test, CC0"
     assert len({s["sha256"] for s in meta["seed_images"]}) == 2 and meta["seed_image_sha256"] == meta["seed_images"][0]["sha256"]

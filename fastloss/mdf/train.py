@@ -374,6 +374,9 @@ def build_parser():
     ap = argparse.ArgumentParser(prog="python -m fastloss.mdf.train", description=__doc__.splitlines()[0])
     ap.add_argument("--seed-image", required=True, nargs="+", metavar="PATH",
                     help="the training image(s), anything Pillow reads; several are taken in turn")
+    ap.add_argument("--seed-source", default=None, metavar="TEXT",
+                    help="where the seed image(s) came from and their license, recorded in the set's metadata "
+                         "(seed_source) beside their file names and SHA-256")
     ap.add_argument("--task", required=True, choices=TASKS, help="the distortion the generators learn to undo")
     ap.add_argument("--out", required=True, help="output file (the project's safetensors format)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help=_preset_help())
@@ -527,7 +530,7 @@ def _main(argv) -> int:
     meta = {"origin": "trained by fastloss.mdf.train", "command": command, "resumed": ck is not None, "options": opts,
             "seed_image": os.path.basename(args.seed_image[0]), "seed_image_sha256": seed_shas[0],
             "seed_images": [{"file": os.path.basename(p), "sha256": h} for p, h in zip(args.seed_image, seed_shas)],
-            "sizes": [list(s) for s in sizes[0]], "per_scale": trainer.history,
+            "seed_source": args.seed_source, "sizes": [list(s) for s in sizes[0]], "per_scale": trainer.history,
             "elapsed_s": round(elapsed0 + time.time() - t0, 1), "torch": torch.__version__,
             "fastloss": fastloss.__version__, "threads": torch.get_num_threads()}
     W.save(to_weights(trainer.discs, meta), args.out)
