@@ -59,6 +59,7 @@ def vgg_megabytes(loss):
 
 
 def main(argv=None):
+    load_before = os.getloadavg()[0]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="4x3x128x128", help="BxCxHxW, default: %(default)s")
     ap.add_argument("--reps", type=int, default=5, help="timed runs per provider (median), default 5")
@@ -105,7 +106,9 @@ def main(argv=None):
              f"Input {shape} float32; MDF weights `{os.path.basename(str(weights))}` ({len(w)} discriminators, "
              f"widths {list(w.widths)}, formula `published`); VGG16: the whole convolutional stack, MSE at "
              f"{', '.join(VGG_LAYERS)}, random weights.", ""]
-    lines += common.machine_lines(info) + [""]
+    load_after = os.getloadavg()[0]
+    lines += common.machine_lines(info) + [f"- load average (1 min) before / after the run: {load_before:.2f} / "
+                                           f"{load_after:.2f} (2 cores; above ~2, other work shared them)", ""]
     lines += common.markdown_table(["provider", "forward ms", "backward ms", "parameters MB (float32)"], rows)
     lines += ["", "MDF's discriminators keep the full resolution through all five convolutions (no pooling), "
               "so per pixel they cost more than VGG16's early layers at this input size, while VGG16 halves "

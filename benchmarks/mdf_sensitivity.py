@@ -84,13 +84,11 @@ EQUAL_PSNR = ("noise", "blur", "jpeg", "contrast", "brightness")
 
 def seed_hashes(tasks=("denoise", "jpeg")):
     """sha256 of every seed image the shipped sets of ``tasks`` were trained on (their metadata)."""
-    import json
-
     from fastloss.mdf.weights import load
 
     out = set()
     for task in tasks:
-        rec = json.loads(load(task).metadata.get("training", "{}") or "{}")
+        rec = load(task).metadata  # the training record, parsed
         out |= {s["sha256"] for s in rec.get("seed_images", [])}
         if rec.get("seed_image_sha256"):
             out.add(rec["seed_image_sha256"])

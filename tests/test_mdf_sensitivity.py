@@ -39,7 +39,6 @@ def test_jpeg_loss_grows_as_quality_falls(x, weights):
 
 
 COFFEE_SHA256 = "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7"  # scikit-image 0.26's coffee.png
-NATURAL_SETS = ("denoise", "jpeg")  # retrained on a photograph (issue 15); sisr still on the procedural seed
 
 
 @pytest.mark.parametrize("name", fastloss.mdf.SHIPPED)
@@ -49,12 +48,7 @@ def test_shipped_sets_load_with_their_training_record(name):
     meta = w.metadata
     assert meta["options"]["task"] == name
     assert os.path.getsize(fastloss.mdf.shipped_path(name)) < 1_000_000
-    if name not in NATURAL_SETS:
-        assert meta["seed_image"] == "seed.png"
-        assert meta["command"].startswith("python -m fastloss.mdf.train --seed-image fastloss/mdf/data/seed.png "
-                                          f"--task {name} --out fastloss/mdf/data/{name}.safetensors")
-        return
-    # the natural seed: its file, hash and license, and the paper's recipe as far as it went
+    # a natural seed (issue 15): its file, hash and license, and the paper's recipe as far as it went
     assert meta["seed_image"] == "coffee.png" and meta["seed_image_sha256"] == COFFEE_SHA256
     assert meta["seed_images"] == [{"file": "coffee.png", "sha256": COFFEE_SHA256}]
     assert "CC0" in meta["seed_source"] and "scikit-image" in meta["seed_source"]
@@ -119,6 +113,6 @@ def test_natural_test_images_leave_out_the_training_images():
     assert names == list(S.NATURAL) and xs.shape == (len(S.NATURAL), 3, 96, 96)
     names, xs = S.natural_images(exclude_sha256={sha["coffee"]})
     assert names == [n for n in S.NATURAL if n != "coffee"] and xs.shape[0] == len(S.NATURAL) - 1
-    names, _ = S.natural_images()  # the default: the shipped sets' own seeds
-    seeds = S.seed_hashes()
-    assert names == [n for n in S.NATURAL if sha[n] not in seeds]
+    names, _ = S.natural_images()  # the default: the shipped sets' own seeds, read from their metadata
+    assert S.seed_hashes() == {COFFEE_SHA256} == {sha["coffee"]}
+    assert names == [n for n in S.NATURAL if n != "coffee"]
