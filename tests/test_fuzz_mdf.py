@@ -300,8 +300,9 @@ def test_float32_reference_gradient_moves_at_the_kinks_on_small_images():
     # Draw: denoise, scales=2, ascending=False, float32, (2, 3, 22, 11), gradient for the target only,
     # seed 16777216: the cpu backend's target gradient was 3.07e-3 (in norm) off the exact one, over
     # the 2e-3 this fuzz first used; the float32 reference in NCHW is off by the same amount, the float64
-    # fast path agrees to 1e-12.
-    case = dict(shape=(2, 3, 22, 11), values="unit", dtype=torch.float32, seed=16777216)
+    # fast path agrees to 1e-12. That draw was on the former (procedural-seed) denoise set; seed 130 is
+    # the first draw of the same kind on the retrained set (reference float32 5.6e-3 off).
+    case = dict(shape=(2, 3, 22, 11), values="unit", dtype=torch.float32, seed=130)
     xv, yv = make_values(case)
 
     def target_grad(backend, dtype):
@@ -333,17 +334,19 @@ def test_float16_loss_beyond_its_range_is_inf():
 
 
 @pytest.mark.skipif(not _backend.status("triton")[0], reason="triton unavailable (needs TRITON_INTERPRET=1 on CPU)")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_gradients_on_the_smallest_image(dtype):
+@pytest.mark.parametrize("dtype,seed", [(torch.float16, 3), (torch.bfloat16, 13)])
+def test_half_gradients_on_the_smallest_image(dtype, seed):
     # Draws: triton, sisr, scales=1, (1, 3, 11, 11), images in [-1, 1], seed 4473, TRITON_BLOCK 32: the
     # pred gradient was 1.38e-1 (float16) and 1.95 (bfloat16) off the exact one in norm, past the fixed
     # bounds (0.137 and 0.79 with the cancellation term). At 11 x 11 (a 1-pixel tail map) these dtypes
     # move it that much in the published order of operations too: the reference run in float16 is
     # 5.4e-2 off, in bfloat16 1.785 (measured); the float32 paths agree to 1e-3. check() now allows
-    # the fast path 3 times the error of the reference in the same dtype.
+    # the fast path 3 times the error of the reference in the same dtype. Those draws were on the former
+    # (procedural-seed) sisr set; seeds 3 (float16, reference 1.0e-1 off) and 13 (bfloat16, 2.5e-1) are
+    # the first draws past the fixed bounds on the retrained set.
     case = dict(weights="sisr", scales=1, ascending=True, grouped=None, dtype=dtype, shape=(1, 3, 11, 11),
                 pred_layout="contiguous", target_layout="contiguous", values="signed", grads="pred", upstream=0.37,
-                seed=4473)
+                seed=seed)
     old = _triton_block(32)
     try:
         check(case, "triton")
