@@ -59,7 +59,9 @@ def to_unit_range(x, input_range):
 
 class RangeCheck:
     """One warning per loss instance for images clearly outside ``input_range`` (more than 10% of
-    its width below it, or 50% above it: [0, 255] images, [-1, 1] images given as [0, 1]).
+    its width below it, or 50% above it: [0, 255] images, [-1, 1] images given as [0, 1]). The
+    losses pass their target (clean) images only: they show the data's convention, while a
+    network's output, early in training above all, may stray far from it without anything wrong.
 
     Sampled on the first call only (one host read of min and max, then never again), so a GPU
     training step pays no synchronisation after the first; skipped while torch.compile traces."""

@@ -795,7 +795,7 @@ class D2SMLoss(nn.Module):
                              f"{clean.device}")
         if restored.numel() == 0:
             raise ValueError(f"D2SMLoss: restored is empty, shape {tuple(restored.shape)}")
-        self._range_check(restored, clean)
+        self._range_check(clean)  # the data convention; an untrained network's output strays from it
         restored, clean = _checks.to_unit_range(restored, self.input_range), _checks.to_unit_range(clean, self.input_range)
         b, hw = restored.shape[0], tuple(restored.shape[-2:])
         if self.internal_patches:

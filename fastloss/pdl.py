@@ -384,7 +384,7 @@ class PDLLoss(nn.Module):
             _checks.check_image("PDLLoss", name, t, rgb=builtin)
         if restored.shape != clean.shape:
             raise ValueError(f"PDLLoss: restored and clean shapes differ: {tuple(restored.shape)} vs {tuple(clean.shape)}")
-        self._range_check(restored, clean)
+        self._range_check(clean)  # the data convention; an untrained network's output strays from it
         restored, clean = _checks.to_unit_range(restored, self.input_range), _checks.to_unit_range(clean, self.input_range)
         loss = self.pixel_weight * (restored - clean).abs().mean()
         if self.weight == 0:

@@ -59,6 +59,16 @@ def test_range_warning_once_per_instance_names_loss_range_and_fix():
     assert "input_range=(-1, 1)" in msg
 
 
+def test_range_check_reads_the_target_not_the_prediction():
+    """A restoration network's first outputs range far outside [0, 1] (here [-2, 3], as fastloss-bench's
+    untrained denoiser gave): no warning while the clean target is in range; a [0, 255] target warns."""
+    for loss_name, _, loss in _losses():
+        wild = _OK * 5 - 2
+        assert _range_warnings(loss, (wild, _OK)) == [], loss_name
+    for loss_name, _, loss in _losses():
+        assert len(_range_warnings(loss, (_OK, _OK * 255))) == 1, loss_name
+
+
 def test_range_check_samples_the_first_call_only():
     """After the first call the check reads nothing from the device: a later out-of-range call
     (a GPU step that would need a sync to see it) does not warn."""

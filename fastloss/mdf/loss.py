@@ -742,7 +742,7 @@ class MDFLoss(nn.Module):
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         _check_images(pred, target)
-        self._range_check(pred, target)
+        self._range_check(target)  # the data convention; an untrained network's output strays from it
         if _half_on_cpu_backend(self.backend, pred.device, pred.dtype):
             # auto on the CPU: the cpu backend's kernels take float32 / float64, so float16 / bfloat16
             # images run there in float32 (not in the reference in their own dtype); the loss comes
