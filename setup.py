@@ -20,7 +20,7 @@ import os
 import sys
 import sysconfig
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SKIP_BUILD = os.environ.get("FASTLOSS_SKIP_BUILD", "0") == "1"
@@ -89,7 +89,9 @@ def extensions():
 ext_modules, cmdclass = extensions()
 
 setup(
-    packages=["fastloss", "fastloss.kernels", "fastloss.mdf", "fastloss.integrations", "fastloss.csrc"],
+    # every package under fastloss/ (one folder per loss), plus the Triton kernels and the C++ / CUDA
+    # sources, which live at the top level and install as fastloss.kernels and fastloss.csrc
+    packages=["fastloss"] + ["fastloss." + p for p in find_packages(os.path.join(ROOT, "fastloss"))] + ["fastloss.kernels", "fastloss.csrc"],
     package_dir={"fastloss": "fastloss", "fastloss.kernels": "kernels", "fastloss.csrc": "csrc"},
     # the shipped MDF discriminator sets and the seed image they were trained on; the C++/CUDA
     # sources, which `python -m fastloss.build` compiles after a pure-Python install

@@ -23,6 +23,7 @@ import warnings
 import torch
 
 from . import _ext
+from ._ext import BackendError  # noqa: F401  (raised by _ext.require too: one class)
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
@@ -32,10 +33,6 @@ _scope = contextvars.ContextVar("fastloss_backend", default=None)
 _deterministic = [False]
 _warned = set()
 _warn_lock = threading.Lock()
-
-
-class BackendError(RuntimeError):
-    """A backend named explicitly cannot run this input (not built, wrong device, dtype)."""
 
 
 def _check_name(name, what):

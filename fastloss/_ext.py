@@ -1,6 +1,8 @@
 """Loading the compiled extensions, once, thread-safely.
 
 ``load("_C")`` returns ``(module, None)`` or ``(None, reason)``; the reason says how to build it.
+``require("_C", fn)`` returns the module or raises ``BackendError`` with that reason: every op
+that calls an extension goes through it, so a missing build always reads as the build hint.
 ``origin("_C")`` says which build is in use. Two places are tried, in order:
 
 1. the build installed with the package (``setup.py``), unless its ``_build_status.json`` says
@@ -14,6 +16,12 @@ import sys
 import threading
 
 BUILD_COMMAND = "python -m fastloss.build"  # fastloss.build.BUILD_COMMAND (imported lazily: `python -m` runs it)
+
+
+
+class BackendError(RuntimeError):
+    """A backend named explicitly cannot run this input (not built, wrong device, dtype)."""
+
 
 _lock = threading.Lock()
 _cache = {}
@@ -92,3 +100,11 @@ def load(name):
                 _cache[name] = (None, f"fastloss.{name} could not be loaded ({type(e).__name__}: {e}); "
                                       f"{_HOW_TO_BUILD[name]}")
     return _cache[name]
+
+
+def require(name, fn="an op"):
+    """``fastloss.<name>``, or ``BackendError`` saying what is missing and how to build it."""
+    mod, why = load(name)
+    if mod is None:
+        raise BackendError(f"fastloss: {fn} needs the compiled extension: {why}")
+    return mod

@@ -1,0 +1,138 @@
+"""What the ops of every loss share: the backend table's row type, how a row calls the compiled
+extensions and the Triton kernels, the accumulation dtype, the CUDA stream and device guard, the
+interpreter check, autocast control, and the pred / target pair check.
+
+Each loss's ``ops.py`` holds ONE table ``IMPLS = {backend: Impl(...)}``: the ``reference`` row is
+plain PyTorch, the others call ``_C`` (``cpu``), ``kernels/<loss>.py`` (``triton``) or
+``_C_cuda`` (``cuda``). The dispatch (``_backend.resolve``) picks the row; nothing else in an op
+module asks which backend it runs on.
+"""
+import contextlib
+import dataclasses
+import importlib
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _backend, _ext
+
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    """One backend's implementation of an op: ``forward`` / ``backward`` and the op's extra hooks
+    (``extra``), the dtypes it takes, and ``promote``: dtypes that ``backend="auto"`` runs on this
+    backend after a cast (``{torch.float16: torch.float32}``) instead of falling back."""
+
+    forward: Optional[Callable] = None
+    backward: Optional[Callable] = None
+    dtypes: Tuple[torch.dtype, ...] = _backend.FLOAT_DTYPES
+    promote: Dict[torch.dtype, torch.dtype] = dataclasses.field(default_factory=dict)
+    extra: Dict[str, Callable] = dataclasses.field(default_factory=dict)
+
+    def __getattr__(self, name):  # the op's own hooks: impl.rows_combine(...), impl.insert(...)
+        extra = self.__dict__.get("extra", {})
+        if name in extra:
+            return extra[name]
+        raise AttributeError(name)
+
+
+def dtypes(impls):
+    """``{backend: dtypes}`` of a table, as ``_backend.resolve`` takes it."""
+    return {name: impl.dtypes for name, impl in impls.items()}
+
+
+def select(op, impls, backend, device, dtype):
+    """``(backend name, dtype to run in)`` for a call: ``_backend.resolve`` over the table's dtypes,
+    except that ``auto`` takes the first automatic backend of the device that is available and
+    ``promote``s this dtype, rather than a fallback in the input's own dtype."""
+    if _backend.requested(backend, op) == "auto":
+        for name in _backend.AUTO_ORDER.get(device.type, ()):
+            promoted = impls[name].promote.get(dtype) if name in impls else None
+            if promoted is not None and _backend.why_not(name, device, promoted, impls[name].dtypes) is None:
+                return name, promoted
+    return _backend.resolve(op, backend, device, dtype, dtypes=dtypes(impls)), dtype
+
+
+# --------------------------------------------------------------------------- calling a backend
+def stream(t: Tensor) -> int:
+    """The current CUDA stream of ``t``'s device, as the CUDA extension's launchers take it."""
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def cpu(fn: str) -> Callable:
+    """A call of ``fastloss._C.<fn>`` (the build hint if it was not built)."""
+    def call(*args):
+        return getattr(_ext.require("_C", fn), fn)(*args)
+    call.__name__ = call.__qualname__ = f"_C.{fn}"
+    return call
+
+
+def cuda(fn: str, stream_at: int = -1) -> Callable:
+    """A call of ``fastloss._C_cuda.<fn>`` with the current stream of the first tensor argument
+    inserted at position ``stream_at`` (default: last)."""
+    def call(*args):
+        first = next(a for a in args if isinstance(a, Tensor) or isinstance(a, (list, tuple)))
+        s = stream(first if isinstance(first, Tensor) else first[0])
+        args = list(args)
+        args.insert(len(args) if stream_at == -1 else stream_at, s)
+        return getattr(_ext.require("_C_cuda", fn), fn)(*args)
+    call.__name__ = call.__qualname__ = f"_C_cuda.{fn}"
+    return call
+
+
+def triton(module: str, fn: str) -> Callable:
+    """A call of ``fastloss.kernels.<module>.<fn>``, imported on first use (triton is optional),
+    under the interpreter's launch lock."""
+    def call(*args):
+        kernels = importlib.import_module(f"fastloss.kernels.{module}")
+        with _backend.triton_launch_guard():
+            return getattr(kernels, fn)(*args)
+    call.__name__ = call.__qualname__ = f"kernels.{module}.{fn}"
+    return call
+
+
+# --------------------------------------------------------------------------- shared helpers
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the kernels: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def device_guard(t: Tensor):
+    """Triton launches on the current CUDA device: make it ``t``'s."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def interpreting(kernel) -> bool:
+    """Whether a ``triton.jit`` kernel runs under the interpreter (decided at decoration time, so
+    ask the kernel rather than the environment)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def autocast_off(device: torch.device):
+    """Autocast off inside a loss formula: the kernels take one dtype, and the formula's products
+    must not drop to bfloat16 / float16 under the caller's autocast."""
+    if device.type in ("cpu", "cuda") and torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def check_pair(op: str, pred, target, names=("pred", "target"), min_dim: int = 1, what: str = ""):
+    """Both tensors, floating point, one dtype, one device, one non-empty shape of at least
+    ``min_dim`` dims (``what`` describes the expected shape in the message)."""
+    pn, tn = names
+    for name, t in ((pn, pred), (tn, target)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+    if pred.dtype != target.dtype:
+        raise TypeError(f"{op}: {pn} and {tn} dtypes differ: {pred.dtype} vs {target.dtype}")
+    if pred.device != target.device:
+        raise ValueError(f"{op}: {pn} and {tn} are on different devices: {pred.device} vs {target.device}")
+    if pred.dim() < min_dim:
+        raise ValueError(f"{op}: {pn} must {what or f'have at least {min_dim} dims'}, got shape {tuple(pred.shape)}")
+    if pred.shape != target.shape:
+        raise ValueError(f"{op}: {pn} and {tn} shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    if pred.numel() == 0:
+        raise ValueError(f"{op}: {pn} is empty, shape {tuple(pred.shape)}")
