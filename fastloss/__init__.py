@@ -16,7 +16,8 @@ from . import mdf
 from .mdf import MDFLoss
 from .d2sm import D2SMLoss, D2SMQueue, d2sm_kl, d2sm_reference
 
-from .config import PerceptualLoss, build_loss, _losses
+from .perceptual import PerceptualLoss
+from .config import build_loss, _losses
 
 LOSSES = _losses()  # type name -> class, what build_loss({"type": ...}) accepts
 

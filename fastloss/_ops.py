@@ -22,10 +22,13 @@ from . import _backend, _ext
 class Impl:
     """One backend's implementation of an op: ``forward`` / ``backward`` and the op's extra hooks
     (``extra``), the dtypes it takes, and ``promote``: dtypes that ``backend="auto"`` runs on this
-    backend after a cast (``{torch.float16: torch.float32}``) instead of falling back."""
+    backend after a cast (``{torch.float16: torch.float32}``) instead of falling back.
+    ``formula``: the row is the plain-PyTorch formula, differentiated by autograd (``reference``),
+    not the fused op."""
 
     forward: Optional[Callable] = None
     backward: Optional[Callable] = None
+    formula: bool = False
     dtypes: Tuple[torch.dtype, ...] = _backend.FLOAT_DTYPES
     promote: Dict[torch.dtype, torch.dtype] = dataclasses.field(default_factory=dict)
     extra: Dict[str, Callable] = dataclasses.field(default_factory=dict)
@@ -44,14 +47,18 @@ def dtypes(impls):
 
 def select(op, impls, backend, device, dtype):
     """``(backend name, dtype to run in)`` for a call: ``_backend.resolve`` over the table's dtypes,
-    except that ``auto`` takes the first automatic backend of the device that is available and
-    ``promote``s this dtype, rather than a fallback in the input's own dtype."""
-    if _backend.requested(backend, op) == "auto":
-        for name in _backend.AUTO_ORDER.get(device.type, ()):
-            promoted = impls[name].promote.get(dtype) if name in impls else None
-            if promoted is not None and _backend.why_not(name, device, promoted, impls[name].dtypes) is None:
-                return name, promoted
+    except that ``auto`` runs a dtype that a row of the device's automatic order ``promote``s on
+    that row, after the cast, rather than falling back in the input's own dtype."""
+    for name, impl in impls.items():
+        if dtype in impl.promote and _promotes(op, name, backend, device, impl.promote[dtype]):
+            return name, impl.promote[dtype]
     return _backend.resolve(op, backend, device, dtype, dtypes=dtypes(impls)), dtype
+
+
+@torch.compiler.assume_constant_result  # like _backend.resolve: decided once at trace time
+def _promotes(op: str, name: str, backend: str, device: torch.device, promoted: torch.dtype) -> bool:
+    return (_backend.requested(backend, op) == "auto" and name in _backend.AUTO_ORDER.get(device.type, ())
+            and _backend.why_not(name, device, promoted) is None)
 
 
 # --------------------------------------------------------------------------- calling a backend
@@ -112,7 +119,7 @@ def interpreting(kernel) -> bool:
 def autocast_off(device: torch.device):
     """Autocast off inside a loss formula: the kernels take one dtype, and the formula's products
     must not drop to bfloat16 / float16 under the caller's autocast."""
-    if device.type in ("cpu", "cuda") and torch.amp.is_autocast_available(device.type):
+    if torch.amp.is_autocast_available(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 

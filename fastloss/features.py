@@ -314,6 +314,16 @@ class VGG(nn.Module):
         return f"arch={self.arch!r}, layers={self.layers}, normalize={self.normalize}"
 
 
+def extractor_module(loss: str, extractor, layers, weights) -> nn.Module:
+    """A loss's ``extractor`` argument as a module: any ``nn.Module`` as it is, or a frozen
+    ``VGG("vgg16" | "vgg19", layers, weights)``."""
+    if isinstance(extractor, nn.Module):
+        return extractor
+    if isinstance(extractor, str) and extractor in ("vgg16", "vgg19"):
+        return VGG(extractor, layers=layers, weights=weights)
+    raise ValueError(f"{loss}: extractor must be 'vgg16', 'vgg19' or an nn.Module, got {extractor!r}")
+
+
 def vgg16(
     layers: Union[str, Iterable[str]] = ("relu4_3",),
     weights: WeightsArg = None,

@@ -32,11 +32,12 @@ one-element tensor of the compute dtype (Triton would make a Python float an fp3
 The launchers run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before
 triton was imported.
 """
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
+
+from .. import _ops
 
 __all__ = ["d2sm_forward", "TRITON_BLOCK_Q"]
 
@@ -167,12 +168,7 @@ def _d2sm_grad_kernel(
 
 
 def _interpreting():
-    # triton.jit decides at decoration time, so ask the kernel rather than the environment
-    return type(_d2sm_rows_kernel).__name__ == "InterpretedFunction"
-
-
-def _device_guard(t):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    return _ops.interpreting(_d2sm_rows_kernel)
 
 
 def _unit_row_stride(x):
@@ -219,7 +215,7 @@ def d2sm_forward(sp, st, dots_p, dots_t, rows, paper, eps, q_live=None):
     block = min(triton.next_power_of_2(q), TRITON_BLOCK_Q)
     live = q_live is not None
     q_arg = q_live.reshape(()) if live else row_loss  # any pointer when the set is all q rows
-    with _device_guard(sp):
+    with _ops.device_guard(sp):
         _d2sm_rows_kernel[(q,)](
             sp, st, dots_p, dots_t, eps_t, inv_p, inv_t, c, row_loss, q_arg,
             q, sp.stride(0), st.stride(0),

@@ -21,11 +21,12 @@ backend: ``y = LeakyReLU(y + b[c])`` in place, one pass over a convolution outpu
 without its bias. The slope travels as a one-element tensor of the accumulation dtype: Triton
 would type a Python float as an fp32 scalar (0.2 -> 0.20000000298), off by ~1e-8 relative in float64.
 """
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
+
+from .. import _ops
 
 __all__ = ["mdf_sqdiff_forward", "mdf_sqdiff_backward", "bias_leaky_relu_", "TRITON_BLOCK"]
 
@@ -147,18 +148,14 @@ def bias_leaky_relu_(y, b, slope):
         return y
     block = TRITON_BLOCK
     slope_t = torch.full((1,), float(slope), dtype=acc, device=y.device)  # a fill, no host copy
-    with _device_guard(y):
+    with _ops.device_guard(y):
         _bias_lrelu_kernel[(triton.cdiv(total, block),)](y, b.contiguous(), slope_t, total, C, cdiv,
                                                           ACC_DTYPE=_TL_DTYPES[acc], BLOCK=block)
     return y
 
 
 def _interpreting():
-    return type(_mdf_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-def _device_guard(t):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    return _ops.interpreting(_mdf_fwd_kernel)
 
 
 def _prepare(feats, chan_w, samples, op):
@@ -225,7 +222,7 @@ def mdf_sqdiff_forward(feats, chan_w, batch, save_diff):
     diffs = _like_samples(xs, layout, batch) if save_diff else []
     desc, K = _table(xs, layout, block)
     partial = torch.empty((batch, K), dtype=acc, device=xs[0].device)  # [B, K] per-chunk sums
-    with _device_guard(xs[0]):
+    with _ops.device_guard(xs[0]):
         _mdf_fwd_kernel[(K, batch)](desc, tuple(xs), tuple(ws), tuple(diffs or xs), partial, len(xs), K, batch,
                                     ACC_DTYPE=_TL_DTYPES[acc], SAVE_DIFF=bool(save_diff), BLOCK=block)
     return partial.sum(dim=1), diffs
@@ -241,7 +238,7 @@ def mdf_sqdiff_backward(grad, diffs, chan_w):
     block = TRITON_BLOCK
     desc, K = _table(xs, layout, block)
     g = grad.reshape(batch).to(acc).contiguous()
-    with _device_guard(xs[0]):
+    with _ops.device_guard(xs[0]):
         _mdf_bwd_kernel[(K, batch)](desc, tuple(xs), tuple(ws), tuple(outs), g, len(xs), ACC_DTYPE=_TL_DTYPES[acc],
                                     BLOCK=block)
     return outs

@@ -35,11 +35,12 @@ The launchers run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was
 triton was imported. Within a row the float32 reduction is a tree sum in float32 (the CPU op
 sums in double), so w can differ from it in the last bits.
 """
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
+
+from .. import _ops
 
 __all__ = ["pdl_forward", "pdl_backward", "TRITON_MAX_SORT_N", "TRITON_LOOP_BLOCK_N"]
 
@@ -246,8 +247,7 @@ def _pdl_bwd_kernel(
 
 
 def _interpreting():
-    # triton.jit decides at decoration time, so ask the kernel rather than the environment
-    return type(_pdl_bwd_kernel).__name__ == "InterpretedFunction"
+    return _ops.interpreting(_pdl_bwd_kernel)
 
 
 def _check_device(name, t):
@@ -256,11 +256,6 @@ def _check_device(name, t):
             f"pdl (triton): {name} is a CPU tensor; the Triton kernels need a GPU tensor, or "
             "TRITON_INTERPRET=1 set before triton is imported (use the C++ CPU op instead)"
         )
-
-
-def _device_guard(t):
-    # triton launches on the current CUDA device
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def sort_input(x):
@@ -308,7 +303,7 @@ def pdl_forward(pred, target, p, target_grad):
     if B * C == 0:
         return w, perm, perm_t, deriv
 
-    with _device_guard(pred):
+    with _ops.device_guard(pred):
         if N <= TRITON_MAX_SORT_N and not is_f64:
             block_n = _next_pow2(N)
             _pdl_fwd_sort_kernel[(B * C,)](
@@ -361,7 +356,7 @@ def pdl_backward(grad_w, perm, perm_t, deriv, need_pred, need_target, out_dtype)
     if B * C == 0 or N == 0 or not (need_pred or need_target):
         return gp, gt
     dummy = gp if gp is not None else gt
-    with _device_guard(perm):
+    with _ops.device_guard(perm):
         _pdl_bwd_kernel[(B * C,)](
             grad_w, perm, perm_t if need_target else perm, deriv,
             gp if need_pred else dummy, gt if need_target else dummy,

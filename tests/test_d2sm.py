@@ -4,7 +4,8 @@ import torch
 
 import fastloss
 from fastloss import _backend
-from fastloss.d2sm import _d2sm_forward, _kl_from_sims, d2sm_reference
+from fastloss.d2sm.ops import _d2sm_forward
+from fastloss.d2sm.reference import _kl_from_sims, d2sm_reference
 
 from conftest import requires_cpu_ext
 
@@ -137,7 +138,7 @@ def test_cpu_fused_op_against_autograd_of_the_similarities(mode):
 @requires_cpu_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_normalization_matches_autograd_of_the_formula(dtype):
-    from fastloss.d2sm import _d2sm_normalize, _normalize
+    from fastloss.d2sm.ops import _d2sm_normalize, _normalize
 
     f = torch.randn(6, 300, dtype=dtype).relu()
     f[2] = 0  # a zero row: f_hat = 0, and the norm's gradient is masked

@@ -10,7 +10,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 import fastloss  # noqa: E402
-from fastloss.d2sm import _kl_from_sims, d2sm_reference  # noqa: E402
+from fastloss.d2sm.reference import _kl_from_sims, d2sm_reference  # noqa: E402
 from fastloss.kernels import d2sm as triton_d2sm  # noqa: E402
 
 if triton_d2sm._interpreting():

@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 
 import fastloss
 from fastloss import _backend
-from fastloss.d2sm import _kl_from_sims, _normalize, d2sm_reference
+from fastloss.d2sm.reference import _kl_from_sims, _normalize, d2sm_reference
 
 from conftest import requires_cpu_ext
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import fastloss
 from fastloss import _backend
-from fastloss.mdf import loss as L
+from fastloss.mdf import ops as L
 
 from conftest import requires_cpu_ext
 from test_mdf_weights import OFFICIAL, needs_official, official, random_set

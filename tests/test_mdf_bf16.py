@@ -17,7 +17,7 @@ import torch
 
 import fastloss
 from fastloss import _backend
-from fastloss.mdf import loss as L
+from fastloss.mdf import ops as L
 from fastloss.mdf import train
 
 from test_mdf_weights import OFFICIAL, random_set

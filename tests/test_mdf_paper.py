@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import fastloss
 from fastloss import _backend
-from fastloss.mdf import loss as L
+from fastloss.mdf import ops as L
 
 from test_mdf import _backends, _images, _norm_rel, _rel, _value_and_grad, published  # noqa: F401 (fixture)
 from test_mdf_weights import needs_official, random_set

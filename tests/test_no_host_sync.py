@@ -9,6 +9,7 @@ taken after a warm-up (which may build caches), and any call from fastloss's own
 interpreter are not fastloss's and pass. The acceptance run adds
 ``torch.cuda.set_sync_debug_mode("error")`` and CUDA-graph capture on a GPU.
 """
+import dataclasses
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -167,19 +168,20 @@ MUTANTS = ["t.item()", "int(t)", "bool(t)", "float(t)", "t.tolist()", "range(10)
 @pytest.mark.parametrize("sync", MUTANTS)
 def test_guard_catches_a_sync_inserted_into_fastloss(sync, monkeypatch):
     """Mutation check: the same pdl step with one host sync compiled as if it sat in
-    fastloss/pdl.py (a wrapper of the op's forward) fails; the wrapper alone, clean, passes."""
-    pdl_mod = sys.modules["fastloss.pdl"]  # (fastloss.pdl is also the function)
-    original = pdl_mod._forward_impl
-    env = {"torch": torch, "original": original}
-    src = "def _forward_impl(backend, pred, *args):\n    t = pred.sum() > 0\n    {}\n    return original(backend, pred, *args)\n"
-    exec(compile(src.format("pass"), pdl_mod.__file__, "exec"), env)
-    monkeypatch.setattr(pdl_mod, "_forward_impl", env["_forward_impl"])
+    fastloss/pdl/ops.py (a wrapper of the triton row's forward) fails; the wrapper alone, clean, passes."""
+    from fastloss.pdl import ops as pdl_ops
+
+    row = pdl_ops.IMPLS["triton"]
+    env = {"torch": torch, "original": row.forward}
+    src = "def forward(pred, *args):\n    t = pred.sum() > 0\n    {}\n    return original(pred, *args)\n"
+    exec(compile(src.format("pass"), pdl_ops.__file__, "exec"), env)
+    monkeypatch.setitem(pdl_ops.IMPLS, "triton", dataclasses.replace(row, forward=env["forward"]))
     gen = torch.Generator().manual_seed(4)
     _pdl_step(1, False, gen)
     with no_host_sync():
         _pdl_step(1, False, gen)  # the clean wrapper: no sync
-    exec(compile(src.format(sync), pdl_mod.__file__, "exec"), env)
-    monkeypatch.setattr(pdl_mod, "_forward_impl", env["_forward_impl"])
+    exec(compile(src.format(sync), pdl_ops.__file__, "exec"), env)
+    monkeypatch.setitem(pdl_ops.IMPLS, "triton", dataclasses.replace(row, forward=env["forward"]))
     with pytest.raises(HostSync, match="host sync"):
         with no_host_sync():
             _pdl_step(1, False, gen)
@@ -192,7 +194,7 @@ def test_guard_catches_the_host_reads_the_cpu_queue_keeps():
     queue = fastloss.D2SMQueue(7, backend="cpu")
     x, y = torch.rand(3, 5), torch.rand(3, 5)
     queue(x, y)
-    with pytest.raises(HostSync, match=r"Tensor.__int__ at .*d2sm.py"):
+    with pytest.raises(HostSync, match=r"Tensor.__int__ at .*d2sm/queue.py"):
         with no_host_sync():
             queue(x, y)
 

@@ -10,7 +10,8 @@ import torch
 
 import fastloss
 from fastloss import _backend, _ext
-from fastloss.pdl import _pdl_forward, pdl_reference
+from fastloss.pdl import pdl_reference
+from fastloss.pdl.ops import _pdl_forward
 
 from conftest import requires_cpu_ext
 

@@ -1,7 +1,7 @@
 """`python -m fastloss.selftest`, the GPU acceptance run: its own logic checked on the CPU (exit
 codes, the case list, the float64 error arithmetic, the ground truth), and proof that it fails
 when a fast op returns wrong values or leaves its outputs unwritten."""
-import importlib
+import dataclasses
 import io
 import json
 import math
@@ -17,8 +17,14 @@ from fastloss import _backend, selftest
 
 from conftest import requires_cpu_ext
 
-pdl_module = importlib.import_module("fastloss.pdl")  # the module, not the function fastloss.pdl
-d2sm_module = importlib.import_module("fastloss.d2sm")
+from fastloss.d2sm import ops as d2sm_ops
+from fastloss.pdl import ops as pdl_ops
+
+
+def _wrap_forward(monkeypatch, impls, wrap, backend="cpu"):
+    """A mutant: the ``backend`` row of an op's table with its forward wrapped, ``wrap(real, *args)``."""
+    row = impls[backend]
+    monkeypatch.setitem(impls, backend, dataclasses.replace(row, forward=lambda *args: wrap(row.forward, *args)))
 
 HAVE_TRITON = _backend.status("triton")[0]
 
@@ -241,13 +247,11 @@ def _pdl_only():
 
 @requires_cpu_ext
 def test_mutation_wrong_values_fail(monkeypatch):
-    real = pdl_module._forward_impl
-
-    def wrong(backend, *args):
-        w, *rest = real(backend, *args)
+    def wrong(real, *args):
+        w, *rest = real(*args)
         return (w * 1.01, *rest)
 
-    monkeypatch.setattr(pdl_module, "_forward_impl", wrong)
+    _wrap_forward(monkeypatch, pdl_ops.IMPLS, wrong)
     code, _, text = _quick(["cpu"], case_list=_pdl_only())
     assert code == selftest.EXIT_MISMATCH and "FAIL" in text
     assert selftest.main(["--device", "cpu", "--backends", "cpu", "--losses", "pdl", "--dtypes", "float64"]) == 1
@@ -256,13 +260,11 @@ def test_mutation_wrong_values_fail(monkeypatch):
 @requires_cpu_ext
 def test_mutation_float64_error_below_float32_resolution_fails(monkeypatch):
     """A float64 result off by 1e-7 relative (the fp32-typed LeakyReLU slope kind of bug) fails."""
-    real = d2sm_module._fused_impl
-
-    def off(*args):
+    def off(real, *args):
         loss, *rest = real(*args)
         return (loss * (1 + 1e-7), *rest)
 
-    monkeypatch.setattr(d2sm_module, "_fused_impl", off)
+    _wrap_forward(monkeypatch, d2sm_ops.IMPLS, off)
     cases = [c for c in selftest.cases(full=False) if c.loss == "d2sm" and c.dtype == torch.float64]
     code, _, text = _quick(["cpu"], case_list=cases)
     assert code == selftest.EXIT_MISMATCH, text
@@ -272,13 +274,11 @@ def test_mutation_float64_error_below_float32_resolution_fails(monkeypatch):
 def test_mutation_unwritten_outputs_fail(monkeypatch):
     """A fast op that allocates its value and derivative outputs and writes nothing into them (the
     permutations stay real: garbage indices would make the C++ backward scatter out of bounds)."""
-    real = pdl_module._forward_impl
-
-    def lazy(backend, *args):
-        w, perm, perm_t, deriv = real(backend, *args)
+    def lazy(real, *args):
+        w, perm, perm_t, deriv = real(*args)
         return torch.empty_like(w), perm, perm_t, torch.empty_like(deriv)
 
-    monkeypatch.setattr(pdl_module, "_forward_impl", lazy)
+    _wrap_forward(monkeypatch, pdl_ops.IMPLS, lazy)
     code, results, text = _quick(["cpu"], case_list=_pdl_only())
     assert code == selftest.EXIT_MISMATCH, text
     assert sum(r.status in ("fail", "error") for r in results) >= len(results) // 2, text
@@ -287,15 +287,13 @@ def test_mutation_unwritten_outputs_fail(monkeypatch):
 @requires_cpu_ext
 def test_mutation_a_swapped_permutation_fails(monkeypatch):
     """Two ranks swapped in the saved permutation (a wrong tie order): values may still match."""
-    real = pdl_module._forward_impl
-
-    def swapped(backend, *args):
-        w, perm, *rest = real(backend, *args)
+    def swapped(real, *args):
+        w, perm, *rest = real(*args)
         perm = perm.clone()
         perm[..., [0, 1]] = perm[..., [1, 0]]
         return (w, perm, *rest)
 
-    monkeypatch.setattr(pdl_module, "_forward_impl", swapped)
+    _wrap_forward(monkeypatch, pdl_ops.IMPLS, swapped)
     cases = [c for c in _pdl_only() if "N=35" in c.name]
     code, results, text = _quick(["cpu"], case_list=cases)
     assert code == selftest.EXIT_MISMATCH, text

@@ -5,11 +5,19 @@
 >>> criterion = fastloss.MDFLoss("../shared/mdf-official/Ds_JPEG.pth")  # a published set, loaded safely
 >>> fastloss.mdf.convert("Ds_JPEG.pth", "jpeg.safetensors")             # into the project's format
 
-The loss (formula, reference and fast path) is in ``fastloss/mdf/loss.py``; the weight files
-(safe loader of the published pickles, the project's safetensors format) in
-``fastloss/mdf/weights.py``; the trainer of new sets is ``python -m fastloss.mdf.train``.
+Everything MDF is in Python lives in this folder:
+
+- ``reference.py``: the published order of operations (``mdf_reference``), the ground truth;
+- ``ops.py``: the fast path: BatchNorm folding, the merged convolutions, the custom ops and their
+  autograd, the backend table (``IMPLS``: ``csrc/cpu/mdf.cpp``, ``kernels/mdf.py``,
+  ``csrc/cuda/mdf_kernels.cu``);
+- ``loss.py``: the ``MDFLoss`` module;
+- ``weights.py``: the weight files (safe loader of the published pickles, the project's
+  safetensors format); ``train.py``: the trainer of new sets, ``python -m fastloss.mdf.train``.
 """
-from .loss import MDFLoss, discriminator_features, fold, mdf_reference, select
+from .loss import MDFLoss
+from .ops import fold
+from .reference import discriminator_features, mdf_reference, select
 from .weights import (SHIPPED, MDFWeights, UnsafePickleError, WeightFileError, convert, load, load_published, save,
                       shipped_path, tensor_names)
 

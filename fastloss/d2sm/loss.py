@@ -1,0 +1,175 @@
+"""``D2SMLoss``: the D2SM KL on the features of a frozen extractor, one queue per layer."""
+import math
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .. import _checks
+from ..features import extractor_module
+from .ops import _check_reduction, d2sm_kl
+from .queue import D2SMQueue, _dist_world
+
+PATCH_SCOPES = ("batch", "image")
+
+
+class D2SMLoss(nn.Module):
+    """``weight * sum_l w_l * D2SMQueue_l(Phi_l(restored), Phi_l(clean))`` on (B, 3, H, W) images in [0, 1].
+
+    ``Phi``: a frozen VGG (ImageNet-normalized inputs) up to ``layer`` (default: VGG19 conv5_4,
+    before its ReLU, as the published code; any VGG layer name), the whole map flattened to one
+    row per sample, or any ``nn.Module`` mapping images to features (a tensor, or a dict holding
+    the layers). ``layers=(...)`` with ``layer_weights`` sums several layers, one queue each
+    (``queues``; ``queue`` is the first). The clean features are computed without autograd.
+    With ``internal_patches=True`` each image is cut into ``patch_size`` windows at
+    ``patch_stride`` (as ``Tensor.unfold``: windows that would cross the border are not taken)
+    and the patches are the samples: ``patch_scope="batch"`` pools the patches of the batch into
+    the queue; ``patch_scope="image"`` takes each image's patches as their own set (the KL of
+    ``d2sm_kl`` over them, no queue) and averages over the images (paper §3.3; see README).
+    ``reduction``: as ``d2sm_kl``. ``extractor_weights``: a path, ``"torchvision"`` (the local
+    torch hub cache, never downloaded) or ``None`` (random init). ``reset()`` empties the queues;
+    ``state_dict()`` carries them.
+    """
+
+    def __init__(self, extractor="vgg19", layer: str = "conv5_4", queue_size: int = 256, mode: str = "paper",
+                 internal_patches: bool = False, patch_size: int = 224, patch_stride: int = 56, weight: float = 1.0,
+                 extractor_weights="torchvision", eps: float = 1e-6, backend: str = "auto", reduction: str = "mean",
+                 layers=None, layer_weights=None, patch_scope: str = "batch", input_range=(0, 1)):
+        super().__init__()
+        self.input_range = _checks.check_input_range("D2SMLoss", input_range)
+        self._range_check = _checks.RangeCheck("D2SMLoss", self.input_range)
+        for name, v in (("patch_size", patch_size), ("patch_stride", patch_stride)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"D2SMLoss: {name} must be an int >= 1, got {v!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"D2SMLoss: weight must be a finite number, got {weight!r}")
+        layers = self._check_layers(layer, layers, layer_weights)
+        if layer_weights is None:
+            layer_weights = (1.0,) * len(layers)
+        if patch_scope not in PATCH_SCOPES:
+            raise ValueError(f"D2SMLoss: patch_scope must be one of {PATCH_SCOPES}, got {patch_scope!r}")
+        if patch_scope == "image" and not internal_patches:
+            raise ValueError("D2SMLoss: patch_scope='image' takes the patches of each image as a set: it needs "
+                             "internal_patches=True")
+        _check_reduction(reduction, "D2SMLoss")
+        self.layers, self.layer_weights = layers, tuple(float(w) for w in layer_weights)
+        self.layer, self.internal_patches, self.patch_scope = layers[0], bool(internal_patches), patch_scope
+        self.patch_size, self.patch_stride, self.weight = patch_size, patch_stride, float(weight)
+        self.reduction = reduction
+        self.extractor = extractor_module("D2SMLoss", extractor, layers, extractor_weights)
+        # the first layer's queue keeps its name (state dicts of one-layer losses are unchanged)
+        self.queue = D2SMQueue(queue_size, mode, eps, backend, reduction)
+        self.more_queues = nn.ModuleList(D2SMQueue(queue_size, mode, eps, backend, reduction) for _ in layers[1:])
+
+    @staticmethod
+    def _check_layers(layer, layers, layer_weights):
+        if layers is None:
+            if not isinstance(layer, str):
+                raise ValueError(f"D2SMLoss: layer must be a layer name, got {layer!r}")
+            layers = (layer,)
+        else:
+            if layer != "conv5_4":
+                raise ValueError(f"D2SMLoss: pass layer={layer!r} or layers={layers!r}, not both")
+            layers = (layers,) if isinstance(layers, str) else tuple(layers)
+            if not layers or not all(isinstance(n, str) for n in layers):
+                raise ValueError(f"D2SMLoss: layers must be a non-empty sequence of layer names, got {layers!r}")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"D2SMLoss: layers has repeats: {layers!r}")
+        if layer_weights is not None:
+            if len(layer_weights) != len(layers):
+                raise ValueError(f"D2SMLoss: layer_weights has {len(layer_weights)} entries for {len(layers)} layers")
+            for w in layer_weights:
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                    raise ValueError(f"D2SMLoss: layer_weights must be finite numbers, got {w!r}")
+        return layers
+
+    @property
+    def queues(self):
+        """One queue per layer, in the order of ``layers``."""
+        return [self.queue, *self.more_queues]
+
+    def reset(self):
+        """Empty the queues."""
+        for q in self.queues:
+            q.reset()
+
+    def patches(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B * nH * nW, C, patch_size, patch_size), windows in row-major order."""
+        ps, st = self.patch_size, self.patch_stride
+        if x.shape[-2] < ps or x.shape[-1] < ps:
+            raise ValueError(f"D2SMLoss: images of {tuple(x.shape[-2:])} are smaller than patch_size={ps}")
+        p = x.unfold(2, ps, st).unfold(3, ps, st)  # [B, C, nH, nW, ps, ps]
+        return p.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1], ps, ps)
+
+    def _features(self, x):
+        """[R, D] rows of the first layer, one per sample."""
+        return self._layer_features(x)[self.layer]
+
+    def _layer_features(self, x):
+        """{layer: [R, D]} rows, one per sample."""
+        out = self.extractor(x)
+        if isinstance(out, dict):
+            missing = [name for name in self.layers if name not in out]
+            if missing:
+                which = f"layer {missing[0]!r}" if len(missing) == 1 else f"layers {missing}"
+                raise ValueError(f"D2SMLoss: the extractor did not return {which} (got {list(out)})")
+            return {name: out[name].flatten(1) for name in self.layers}
+        if len(self.layers) != 1:
+            raise ValueError(f"D2SMLoss: the extractor returned one tensor but layers={self.layers} asks for "
+                             f"{len(self.layers)}")
+        return {self.layer: out.flatten(1)}
+
+    def _check_set_size(self, b, per_image, image_hw):
+        """The rows one call puts in the queue must fit: say which queue_size the setting needs."""
+        world = _dist_world()[0]
+        rows = b * per_image * world
+        if self.patch_scope == "image" or rows <= self.queue.queue_size:
+            return
+        ranks = f" x {world} ranks" if world > 1 else ""
+        if self.internal_patches:
+            what = (f"{b} images x {per_image} patches{ranks} = {rows} rows (patch_size={self.patch_size}, "
+                    f"patch_stride={self.patch_stride} on {image_hw[0]} x {image_hw[1]} images)")
+            alt = ", or patch_scope='image' (sets of one image's patches)"
+        else:
+            what, alt = f"{b} rows{ranks}", ""
+        raise ValueError(f"D2SMLoss: queue_size={self.queue.queue_size} is smaller than the batch ({what}): this "
+                         f"setting needs queue_size >= {rows}{alt}")
+
+    def forward(self, restored: Tensor, clean: Tensor) -> Tensor:
+        builtin = type(self.extractor).__module__ == "fastloss.features"
+        for name, t in (("restored", restored), ("clean", clean)):
+            _checks.check_image("D2SMLoss", name, t, rgb=builtin)
+        if restored.shape != clean.shape:
+            raise ValueError(f"D2SMLoss: restored and clean shapes differ: {tuple(restored.shape)} vs "
+                             f"{tuple(clean.shape)}")
+        if restored.dtype != clean.dtype:
+            raise TypeError(f"D2SMLoss: restored and clean dtypes differ: {restored.dtype} vs {clean.dtype}")
+        if restored.device != clean.device:
+            raise ValueError(f"D2SMLoss: restored and clean are on different devices: {restored.device} vs "
+                             f"{clean.device}")
+        if restored.numel() == 0:
+            raise ValueError(f"D2SMLoss: restored is empty, shape {tuple(restored.shape)}")
+        self._range_check(clean)  # the data convention; an untrained network's output strays from it
+        restored, clean = _checks.to_unit_range(restored, self.input_range), _checks.to_unit_range(clean, self.input_range)
+        b, hw = restored.shape[0], tuple(restored.shape[-2:])
+        if self.internal_patches:
+            restored, clean = self.patches(restored), self.patches(clean)
+        per_image = restored.shape[0] // b
+        if self.patch_scope == "image" and per_image < 2:
+            raise ValueError(f"D2SMLoss: patch_scope='image' needs at least 2 patches per image, got {per_image} "
+                             f"(patch_size={self.patch_size}, patch_stride={self.patch_stride} on {hw[0]} x {hw[1]} "
+                             f"images)")
+        self._check_set_size(b, per_image, hw)
+        fu = self._layer_features(restored)
+        with torch.no_grad():
+            fv = self._layer_features(clean)
+        loss = 0.0
+        for name, w, queue in zip(self.layers, self.layer_weights, self.queues):
+            if self.patch_scope == "image":  # one set per image, averaged over the batch
+                u, v = fu[name].unflatten(0, (b, per_image)), fv[name].unflatten(0, (b, per_image))
+                term = sum(d2sm_kl(u[i], v[i], mode=queue.mode, eps=queue.eps, backend=queue.backend,
+                                   reduction=self.reduction) for i in range(b)) / b
+            else:
+                term = queue(fu[name], fv[name])
+            loss = loss + w * term
+        return self.weight * loss

@@ -1,0 +1,140 @@
+"""PDL's custom ops, their fake kernels and autograd, the backend table and the public ``pdl``.
+
+The backward keeps the sort permutation fixed: the forward saves the int32 permutation of every
+pred row and one int8 sign (p=1) or one float (p=2) per element, and the backward is one O(N)
+scatter of ``p |d|^(p-1) sign(d) / N`` (``d`` = sorted pred - sorted target) to the original
+positions. The kernels: ``csrc/cpu/pdl.cpp`` (cpu), ``kernels/pdl.py`` (triton),
+``csrc/cuda/pdl_kernels.cu`` (cuda).
+"""
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _ops
+from .reference import NORMALIZATIONS, REDUCTIONS, convention, pdl_reference, reduce
+
+_OP = "pdl"
+
+# backend -> (forward, backward): the fused sort + distance, and the permutation scatter
+#   forward(pred [B,C,N], target, p, target_grad) -> (w [B,C], perm [B,C,N] int32, perm_t, deriv)
+#   backward(grad_w, perm, perm_t, deriv, need_pred, need_target, out_dtype) -> (grad_pred, grad_target)
+IMPLS = {
+    "reference": _ops.Impl(formula=True),  # pdl_reference: torch.sort and autograd
+    "cpu": _ops.Impl(_ops.cpu("pdl_forward"), _ops.cpu("pdl_backward")),
+    "triton": _ops.Impl(_ops.triton("pdl", "pdl_forward"), _ops.triton("pdl", "pdl_backward")),
+    "cuda": _ops.Impl(_ops.cuda("pdl_forward"), _ops.cuda("pdl_backward")),
+}
+
+
+# --------------------------------------------------------------------------- input checks
+def check_inputs(pred, target, p, reduction, op=_OP):
+    _ops.check_pair(op, pred, target, min_dim=3, what="have at least 3 dims (B, C, *spatial)")
+    n = pred[0, 0].numel()
+    if n >= 2**31:
+        raise ValueError(f"{op}: the spatial size N={n} must be below 2**31 (int32 permutations)")
+    if isinstance(p, bool) or p not in (1, 2):
+        raise ValueError(f"{op}: p must be 1 or 2, got {p!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_convention(root, normalization, op=_OP):
+    if not isinstance(root, bool):
+        raise TypeError(f"{op}: root must be True or False, got {root!r}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"{op}: normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("fastloss::pdl_forward", mutates_args=())
+def _pdl_forward(pred: Tensor, target: Tensor, p: int, target_grad: bool, backend: str
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """pred, target [B, C, N] -> w [B, C], perm [B, C, N] int32, perm_t, deriv (see pdl.cpp)."""
+    return tuple(IMPLS[backend].forward(pred, target, p, target_grad))
+
+
+@_pdl_forward.register_fake
+def _(pred, target, p, target_grad, backend):
+    B, C, N = pred.shape
+    acc = _ops.acc_dtype(pred.dtype)
+    return (pred.new_empty((B, C), dtype=acc),
+            pred.new_empty((B, C, N), dtype=torch.int32),
+            pred.new_empty((B if target_grad else 0, C, N), dtype=torch.int32),
+            pred.new_empty((B, C, N), dtype=torch.int8 if p == 1 else acc))
+
+
+@torch.library.custom_op("fastloss::pdl_backward", mutates_args=())
+def _pdl_backward(grad_w: Tensor, perm: Tensor, perm_t: Tensor, deriv: Tensor, need_pred: bool,
+                  need_target: bool, out_dtype: torch.dtype, backend: str) -> Tuple[Tensor, Tensor]:
+    """Scatter g * deriv / N through the saved permutations; an empty tensor where not needed."""
+    gp, gt = IMPLS[backend].backward(grad_w, perm, perm_t, deriv, need_pred, need_target, out_dtype)
+    empty = perm.new_empty((0,), dtype=out_dtype)
+    return (gp if need_pred else empty), (gt if need_target else empty)
+
+
+@_pdl_backward.register_fake
+def _(grad_w, perm, perm_t, deriv, need_pred, need_target, out_dtype, backend):
+    shape = tuple(perm.shape)
+    return (perm.new_empty(shape if need_pred else (0,), dtype=out_dtype),
+            perm.new_empty(shape if need_target else (0,), dtype=out_dtype))
+
+
+_DOUBLE_BACKWARD = ("pdl: double backward (create_graph=True) is not supported: the "
+                    "permutation-cached backward treats the sort as fixed and is not itself differentiable")
+
+
+def _setup_context(ctx, inputs, output):
+    pred, target, p, target_grad, backend = inputs
+    _, perm, perm_t, deriv = output
+    ctx.save_for_backward(perm, perm_t, deriv)
+    ctx.backend = backend
+    ctx.dtype = pred.dtype
+    ctx.mark_non_differentiable(perm, perm_t, deriv)
+    # Without this, autograd hands the backward a zero-filled gradient for each of perm, perm_t
+    # and deriv (5 bytes per element): more than the gradient of pred itself.
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_w, *_):
+    if torch.is_grad_enabled():
+        raise RuntimeError(_DOUBLE_BACKWARD)
+    if grad_w is None:  # the loss did not reach the output that was differentiated
+        return None, None, None, None, None
+    perm, perm_t, deriv = ctx.saved_tensors
+    need_pred, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gp, gt = _pdl_backward(grad_w, perm, perm_t, deriv, need_pred, need_target, ctx.dtype, ctx.backend)
+    return (gp if need_pred else None), (gt if need_target else None), None, None, None
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(_DOUBLE_BACKWARD)
+
+
+_pdl_forward.register_autograd(_backward, setup_context=_setup_context)
+_pdl_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# --------------------------------------------------------------------------- public op
+def pdl(pred: Tensor, target: Tensor, *, p: int = 1, reduction: str = "mean", backend: str = "auto",
+        root: bool = False, normalization: str = "mean") -> Tensor:
+    """Projected distribution loss: ``sum_c (1/N) sum_i |sort(pred[b,c])_i - sort(target[b,c])_i|^p``.
+
+    ``pred`` and ``target`` are (B, C, *spatial) of one shape; ``reduction`` is ``mean`` over B
+    (default), ``sum`` or ``none`` (shape (B,)). ``normalization="sum"`` drops the 1/N (the
+    paper's Eq. 3); ``root=True`` takes the p-th root per channel, ``sum_c W_p`` (Eq. 5; with
+    "sum", Algorithm 1's ``sum_c ||sort(pred) - sort(target)||_p``); the default is W_p^p of
+    Eq. 2. float16 / bfloat16 accumulate in float32 and the result has the input dtype.
+    ``backend``: ``auto`` (default), ``reference``, ``cpu``, ``triton`` or ``cuda``; see
+    ``fastloss.backends()``.
+    """
+    check_inputs(pred, target, p, reduction)
+    check_convention(root, normalization)
+    name, _ = _ops.select(_OP, IMPLS, backend, pred.device, pred.dtype)
+    if IMPLS[name].formula:  # the reference row: the formula itself, with autograd
+        return pdl_reference(pred, target, p, reduction, root, normalization)
+    target_grad = target.requires_grad and torch.is_grad_enabled()
+    # flatten(2) is a view for contiguous and channels_last inputs; the kernels take any strides.
+    w = _pdl_forward(pred.flatten(2), target.flatten(2), p, target_grad, name)[0]
+    w = convention(w, pred[0, 0].numel(), p, root, normalization)  # [B, C], elementwise
+    return reduce(w.sum(1), reduction).to(pred.dtype)
