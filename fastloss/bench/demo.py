@@ -1,0 +1,56 @@
+"""``fastloss-bench --demo``: trains the denoiser with L1 and with L1 + PDL and saves side-by-side
+PNGs (noisy | L1 | L1 + PDL | clean) with each image's PSNR."""
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .model import CONFIGS, DnCNN, _fast, random_batch
+from .report import NO_MATPLOTLIB
+from .run import _progress, train_steps
+
+
+def run_demo(args, image):
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise SystemExit(f"fastloss-bench --demo draws its figure with matplotlib: {NO_MATPLOTLIB}") from e
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = {}
+    for name in ("l1", "pdl-fast"):
+        torch.manual_seed(args.seed)
+        backend = _fast(args.device) if name == "pdl-fast" else None
+        criterion = CONFIGS[name][3](backend or "reference", args).to(args.device)
+        model = DnCNN(width=args.width).to(args.device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        gen = torch.Generator().manual_seed(args.seed)
+        bar = _progress(args.demo_steps, f"demo {name}", not args.no_progress)
+        train_steps(model, criterion, opt, image, args, args.demo_steps, gen, bar)
+        bar.close()
+        results[name] = model.eval()
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    noisy, clean = random_batch(image, 3, max(args.crop, 64), args.sigma / 255, gen)
+    with torch.no_grad():
+        l1_out = results["l1"](noisy.to(args.device)).cpu().clamp(0, 1)
+        pdl_out = results["pdl-fast"](noisy.to(args.device)).cpu().clamp(0, 1)
+    paths = []
+    for i in range(noisy.shape[0]):
+        fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
+        for ax, img, title in zip(axes, (noisy[i].clamp(0, 1), l1_out[i], pdl_out[i], clean[i]),
+                                  ("noisy", "restored: L1", "restored: L1 + PDL", "clean")):
+            psnr = -10 * math.log10(max(F.mse_loss(img, clean[i]).item(), 1e-12))
+            ax.imshow(img.permute(1, 2, 0).numpy())
+            ax.set_title(f"{title}\nPSNR {psnr:.2f} dB" if title != "clean" else title, fontsize=9)
+            ax.axis("off")
+        fig.tight_layout()
+        path = os.path.join(args.out, f"demo_{i}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    print(f"demo: trained {args.demo_steps} steps with L1 and with L1 + PDL "
+          f"({'random' if args.vgg_weights is None else args.vgg_weights} VGG weights); wrote {', '.join(paths)}")
+    return paths
