@@ -16,27 +16,16 @@ BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
 
 def machine():
     """CPU model, threads and library versions, for the record."""
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
     import fastloss
     from fastloss._backend import cpu_kernels
+    from fastloss.bench.run import cpu_model, triton_version
 
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "triton": triton_version,
+        "triton": triton_version() or "not installed",
         "python": platform.python_version(),
         "fastloss": fastloss.__version__,
         "backends": {k: v["available"] for k, v in fastloss.backends().items()},

@@ -99,21 +99,29 @@ def run_config(name, args, image):
     return result_row(state, args)
 
 
-def machine_details(args):
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+def cpu_model():
+    """The CPU's model name (``/proc/cpuinfo``), for the record of every benchmark."""
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
+    return cpu
+
+
+def triton_version():
+    """The installed triton's version, or None."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def machine_details(args):
+    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "triton": triton_version(), "python": platform.python_version(),
             "fastloss": fastloss.__version__, "device": args.device,
             "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
             "backends": {k: v["available"] for k, v in fastloss.backends().items()},
