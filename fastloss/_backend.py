@@ -136,26 +136,44 @@ def cpu_kernels():
     return mod.cpu_isa() if mod is not None and hasattr(mod, "cpu_isa") else None
 
 
+def _reference_status():
+    return True, "plain PyTorch"
+
+
+def _cpu_status():
+    mod, why = _ext.load("_C")
+    if mod is None:
+        return False, why
+    isa = f", PDL sort kernels: {cpu_kernels()}" if cpu_kernels() else ""
+    return True, f"fastloss._C ({mod.compiler}{', OpenMP' if mod.openmp else ''}{isa}; {_ext.origin('_C')})"
+
+
+def _cuda_status():
+    mod, why = _ext.load("_C_cuda")
+    if mod is None:
+        return False, why
+    if not torch.cuda.is_available():
+        return False, "fastloss._C_cuda is built but no CUDA device is available"
+    return True, f"fastloss._C_cuda ({_ext.origin('_C_cuda')})"
+
+
+# The backends: how to tell whether one is usable here, and which devices' tensors it takes
+# (``device.type`` -> True, or a callable deciding at call time). Each loss's ops.py maps these
+# names to its implementations (its ``IMPLS`` table).
+_REGISTRY = {
+    "reference": (_reference_status, None, "any"),
+    "cpu": (_cpu_status, {"cpu": True}, "CPU tensors"),
+    "triton": (_triton_status, {"cuda": True, "cpu": _triton_interpret},
+               "CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)"),
+    "cuda": (_cuda_status, {"cuda": True}, "CUDA tensors"),
+}
+
+
 def status(name):
     """``(available, reason)`` of one backend on this machine, whatever the input."""
-    if name == "reference":
-        return True, "plain PyTorch"
-    if name == "cpu":
-        mod, why = _ext.load("_C")
-        if mod is None:
-            return False, why
-        isa = f", PDL sort kernels: {cpu_kernels()}" if cpu_kernels() else ""
-        return True, f"fastloss._C ({mod.compiler}{', OpenMP' if mod.openmp else ''}{isa}; {_ext.origin('_C')})"
-    if name == "triton":
-        return _triton_status()
-    if name == "cuda":
-        mod, why = _ext.load("_C_cuda")
-        if mod is None:
-            return False, why
-        if not torch.cuda.is_available():
-            return False, "fastloss._C_cuda is built but no CUDA device is available"
-        return True, f"fastloss._C_cuda ({_ext.origin('_C_cuda')})"
-    raise ValueError(f"unknown backend {name!r}")
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}")
+    return _REGISTRY[name][0]()
 
 
 def backends():
@@ -168,12 +186,10 @@ def why_not(name, device, dtype, dtypes=FLOAT_DTYPES):
     ok, reason = status(name)
     if not ok:
         return reason
-    if name == "cpu" and device.type != "cpu":
-        return f"it takes CPU tensors, got a tensor on {device}"
-    if name == "cuda" and device.type != "cuda":
-        return f"it takes CUDA tensors, got a tensor on {device}"
-    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and _triton_interpret()):
-        return f"it takes CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got a tensor on {device}"
+    _, devices, what = _REGISTRY[name]
+    takes = True if devices is None else devices.get(device.type, False)
+    if not (takes() if callable(takes) else takes):
+        return f"it takes {what}, got a tensor on {device}"
     if dtype not in dtypes:
         return f"it does not support {dtype} (supported: {', '.join(str(d) for d in dtypes)})"
     return None
@@ -201,14 +217,14 @@ def resolve(op, backend, device, dtype, dtypes=None):
             raise BackendError(f"{op}: backend {name!r} cannot run this input: {reason}")
         return name
     reasons = {}
-    for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+    order = AUTO_ORDER.get(device.type, ("reference",))  # fast backends first, reference last
+    for candidate in order:
         reason = why_not(candidate, device, dtype, dtypes.get(candidate, FLOAT_DTYPES))
         if reason is None:
             if reasons:
                 detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
-                if candidate == "reference" and os.environ.get("FASTLOSS_REQUIRE_EXT", "0") == "1":
-                    fast = [b for b in AUTO_ORDER.get(device.type, ()) if b != "reference"]
-                    if not any(status(b)[0] for b in fast):
+                if candidate == order[-1] and os.environ.get("FASTLOSS_REQUIRE_EXT", "0") == "1":
+                    if not any(status(b)[0] for b in order[:-1]):
                         raise BackendError(f"{op}: FASTLOSS_REQUIRE_EXT=1 but no fast backend for {device.type} "
                                            f"tensors is available ({detail})")
                 _warn_once((op, device.type, tuple(reasons.items())),
