@@ -12,7 +12,7 @@ from .d2sm import d2sm_inputs
 from .harness import Case, NotApplicable, _cpu_gen, _to, poison
 from .mdf import mdf_weights
 from .pdl import pdl_inputs
-from .tolerances import D2SM_TOL, MDF_TOL, TOL
+from .tolerances import BY_LOSS
 
 
 def _step_fns(loss):
@@ -94,7 +94,7 @@ def _compare_step(chk, label, got, truth, tol):
 
 
 def _compile_case(loss):
-    tol = {"pdl": TOL, "d2sm": D2SM_TOL, "mdf": MDF_TOL}[loss][torch.float32]
+    tol = BY_LOSS[loss][torch.float32]
 
     def run(backend, device, chk):
         make, fwd = _step_fns(loss)
@@ -116,7 +116,7 @@ def _cuda_only(device):
 
 
 def _side_stream_case(loss):
-    tol = {"pdl": TOL, "d2sm": D2SM_TOL, "mdf": MDF_TOL}[loss][torch.float32]
+    tol = BY_LOSS[loss][torch.float32]
 
     def run(backend, device, chk):
         _cuda_only(device)
@@ -139,7 +139,7 @@ def _side_stream_case(loss):
 
 
 def _second_device_case(loss):
-    tol = {"pdl": TOL, "d2sm": D2SM_TOL, "mdf": MDF_TOL}[loss][torch.float32]
+    tol = BY_LOSS[loss][torch.float32]
 
     def run(backend, device, chk):
         _cuda_only(device)
@@ -205,7 +205,7 @@ def _sync_debug_case(loss):
 
 
 def _cuda_graph_case(loss):
-    tol = {"pdl": TOL, "d2sm": D2SM_TOL, "mdf": MDF_TOL}[loss][torch.float32]
+    tol = BY_LOSS[loss][torch.float32]
 
     def run(backend, device, chk):
         _cuda_only(device)
