@@ -36,8 +36,9 @@ D2SM_TOL = {
     # as for PDL (worst on cpu 2e-14): a float32 step in a float64 path fails.
     torch.float64: 1e-9,
     # the KLs are O(1e-3) and smaller, sums of O(1) log terms of both signs: the cancellation
-    # magnifies float32 rounding to ~1e-4 relative in a float32 computation of them (the fast CPU
-    # path forms its sums in float64: worst on cpu 1.6e-6); 1e-3 is ten times that.
+    # magnifies float32 rounding to ~1e-4 relative when they are computed in float32 (as the
+    # float32 reference does; tests/test_fuzz_d2sm.py). 1e-3 is ten times that; the fast backends
+    # form their sums and log arguments in float64 (worst on cpu 1.6e-6).
     torch.float32: 1e-3,
     # half inputs are computed in float32 and only the result is rounded to the input dtype: as
     # for PDL, ~20 float16 roundings (worst on cpu 3.8e-4) ...
