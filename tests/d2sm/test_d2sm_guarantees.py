@@ -1,6 +1,6 @@
 """The README's "Guarantees" section for D2SM (d2sm_kl, D2SMQueue, D2SMLoss), line by line: bad
 input, non-finite input, mixed precision and autocast, torch.compile, determinism and thread
-safety of the first call. DDP is in tests/test_d2sm_ddp.py, parity in tests/test_fuzz_d2sm.py."""
+safety of the first call. DDP is in tests/d2sm/test_d2sm_ddp.py, parity in tests/d2sm/test_d2sm_fuzz.py."""
 import copy
 import json
 import math
@@ -18,8 +18,8 @@ from fastloss import _backend
 from fastloss.d2sm import d2sm_reference
 
 from conftest import assert_bitwise_identical, requires_cpu_ext
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRITON = _backend.status("triton")[0]
 # Every backend that runs CPU tensors here; triton under the interpreter at tiny sizes only.
 BACKENDS = ["cpu"] * _backend.status("cpu")[0] + ["reference"]

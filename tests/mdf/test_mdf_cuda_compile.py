@@ -1,12 +1,12 @@
-"""The MDF CUDA sources: compiled by tests/test_cuda_compile.py with every csrc/cuda/*.cu (nvcc,
+"""The MDF CUDA sources: compiled by tests/common/test_cuda_compile.py with every csrc/cuda/*.cu (nvcc,
 sm_90) and *_binding.cpp (host compiler, torch headers). Here: they are there, registered in the
 extension module, and their launch header needs no CUDA."""
 import shutil
 import subprocess
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CUDA = ROOT / "csrc" / "cuda"
+from helpers import CSRC
+
+CUDA = CSRC / "cuda"
 
 
 def test_mdf_cuda_sources_are_picked_up_and_registered():
@@ -24,6 +24,6 @@ def test_mdf_launch_header_needs_no_cuda(tmp_path):
     assert "#include <cuda" not in header.read_text()
     unit = tmp_path / "mdf_launch_only.cpp"
     unit.write_text('#include "cuda/mdf_launch.h"\nint main() { return fastloss::MdfStatus{}.ok() ? 0 : 1; }\n')
-    proc = subprocess.run([cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-I", str(ROOT / "csrc"),
+    proc = subprocess.run([cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-I", str(CSRC),
                            str(unit)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

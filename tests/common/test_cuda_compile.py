@@ -9,14 +9,11 @@ import re
 import shutil
 import subprocess
 import sysconfig
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CSRC = ROOT / "csrc"
-CUDA_SOURCES = sorted((CSRC / "cuda").glob("*.cu"))
-BINDING_SOURCES = sorted((CSRC / "cuda").glob("*_binding.cpp"))
+from helpers import BINDING_SOURCES, CSRC, CUDA_SOURCES, ROOT
+
 NVCC = shutil.which("nvcc")
 CXX = shutil.which("c++")
 

@@ -13,8 +13,8 @@ import fastloss
 from fastloss.pdl import pdl_reference
 
 from conftest import assert_bitwise_identical, free_port, requires_cpu_ext
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Tolerances promised in the README, relative to the float32 result on the same inputs.
 HALF_INPUT_RTOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}

@@ -1,6 +1,6 @@
 """The README's "Guarantees" section for MDF and the VGG feature extractors: bad input, mixed
 precision, torch.compile, DDP, determinism, and thread safety of the first call (the PDL lines
-are checked in tests/test_guarantees.py, whose style this file follows)."""
+are checked in tests/pdl/test_pdl_guarantees.py, whose style this file follows)."""
 import json
 import os
 import pickle
@@ -18,9 +18,9 @@ from fastloss.features import VGG, layer_names, vgg16, vgg19
 from fastloss.mdf import WeightFileError, mdf_reference
 
 from conftest import assert_bitwise_identical, free_port, requires_cpu_ext
+from helpers import ROOT
 from test_mdf_weights import random_set
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_TRITON = _backend.status("triton")[0]
 requires_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton unavailable (needs TRITON_INTERPRET=1 on CPU)")
 
@@ -287,7 +287,7 @@ class _Popen:
 @pytest.mark.parametrize("payload", [_Exec, _Popen])
 @pytest.mark.parametrize("writer", ["legacy-torch.save", "pickle-protocol-4", "nested-in-a-tensor-dict"])
 def test_features_malicious_pickles_beyond_the_basic_ones(tmp_path, payload, writer):
-    # tests/test_features.py covers zip torch.save and protocol-2 pickles calling os.system / open
+    # tests/common/test_features.py covers zip torch.save and protocol-2 pickles calling os.system / open
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     if writer == "legacy-torch.save":
@@ -445,7 +445,7 @@ def _compiled_vgg_matches_eager(backend):
 
 # aot_eager: dynamo's full-graph trace and AOT autograd through the custom ops' fake kernels and
 # their backward, without inductor's C++ code generation (minutes, cold, on this 2-core CPU); the
-# inductor variants are marked slow, and tests/test_mdf.py compiles the loss alone with inductor.
+# inductor variants are marked slow, and tests/mdf/test_mdf_loss.py compiles the loss alone with inductor.
 @requires_cpu_ext
 def test_compiled_training_step_with_mdf_loss_matches_eager():
     _compiled_step_matches_eager("aot_eager")
