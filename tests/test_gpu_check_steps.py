@@ -22,8 +22,9 @@ pytestmark = pytest.mark.skipif(shutil.which("timeout") is None or shutil.which(
                                 reason="needs bash and GNU timeout")
 
 FAKE_PYTHON = r'''#!/usr/bin/env bash
-# records one JSON line per call: argv, OMP_NUM_THREADS, the time limit it ran under (if any)
-"$REAL_PY" - "$@" >> "$FAKE_LOG" <<'PYEOF'
+# records each call in a file of its own (the shards run at once): argv, OMP_NUM_THREADS, the time
+# limit it ran under (if any)
+"$REAL_PY" - "$@" > "$(mktemp "$FAKE_LOG/call.XXXXXXXX")" <<'PYEOF'
 import json, os, sys
 print(json.dumps({"argv": sys.argv[1:], "omp": os.environ.get("OMP_NUM_THREADS"),
                   "limit": os.environ.get("FAKE_TIMEOUT_LIMIT")}))
@@ -69,7 +70,8 @@ while [ $i -lt ${#args[@]} ]; do
   esac
   i=$((i + 1))
 done
-echo "{\"limit\": \"$limit\", \"kill_after\": \"$kill\", \"command\": \"${args[$((i + 1))]}\"}" >> "$FAKE_TIMEOUT_LOG"
+echo "{\"limit\": \"$limit\", \"kill_after\": \"$kill\", \"command\": \"${args[$((i + 1))]}\"}" \
+  > "$(mktemp "$FAKE_TIMEOUT_LOG/call.XXXXXXXX")"
 FAKE_TIMEOUT_LIMIT=$limit exec "$REAL_TIMEOUT" "$@"
 '''
 
@@ -88,15 +90,17 @@ def run_gpu_check(tmp_path, cores=16, script=SCRIPT, fail_shard=None):
     for name, text in (("python", FAKE_PYTHON), ("timeout", FAKE_TIMEOUT), ("nproc", FAKE_NPROC)):
         (fake / name).write_text(text)
         (fake / name).chmod(0o755)
-    out, pylog, tlog = tmp_path / "out", tmp_path / "python.jsonl", tmp_path / "timeout.jsonl"
+    out, pylog, tlog = tmp_path / "out", tmp_path / "python-calls", tmp_path / "timeout-calls"
+    pylog.mkdir()
+    tlog.mkdir()
     env = dict(os.environ, PYTHON=str(fake / "python"), REAL_PY=sys.executable, FAKE_LOG=str(pylog),
                FAKE_TIMEOUT_LOG=str(tlog), REAL_TIMEOUT=shutil.which("timeout"), FAKE_CORES=str(cores),
                PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", FAKE_FAIL_SHARD=str(fail_shard or ""))
     env.pop("FAKE_TIMEOUT_LIMIT", None)
     p = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True, env=env, timeout=120,
                        cwd=tmp_path)
-    calls = [json.loads(line) for line in pylog.read_text().splitlines()] if pylog.exists() else []
-    limits = [json.loads(line) for line in tlog.read_text().splitlines()] if tlog.exists() else []
+    calls = [json.loads(f.read_text()) for f in sorted(pylog.iterdir())]
+    limits = [json.loads(f.read_text()) for f in sorted(tlog.iterdir())]
     return p, out, calls, limits
 
 
