@@ -43,8 +43,8 @@ if [ "$1 $2" = "-m fastloss.selftest" ]; then
   code=0
   [ "$k" = "${FAKE_FAIL_SHARD:-}" ] && code=1
   status=$([ $code -eq 0 ] && echo pass || echo fail)
-  printf '{"exit_code": %d, "results": [{"status": "%s", "backend": "cuda", "name": "stub shard %s", "detail": "", "errors": ""}]}' \
-    "$code" "$status" "$shard" > "$json"
+  printf '{"exit_code": %d, "results": [{"status": "%s", "backend": "cuda", "name": "stub shard %s", %s}]}' \
+    "$code" "$status" "$shard" '"detail": "", "errors": ""' > "$json"
   echo "stub selftest shard $shard"
   exit $code
 fi
@@ -126,7 +126,8 @@ def test_every_step_starts_under_a_limit_and_the_limits_fit_ten_minutes(tmp_path
     assert any(a.startswith("-m fastloss.bench --device cuda") for a in argvs), argvs
     shards = _shards(calls)
     n = min(cores, 16)
-    assert sorted(c["argv"][c["argv"].index("--shard") + 1] for c in shards) == sorted(f"{k}/{n}" for k in range(1, n + 1))
+    started = sorted(c["argv"][c["argv"].index("--shard") + 1] for c in shards)
+    assert started == sorted(f"{k}/{n}" for k in range(1, n + 1))
     assert all("--full" in c["argv"] for c in shards)
     # every shard wrote its result, merged into selftest.json
     merged = json.loads((out / "selftest.json").read_text())
@@ -150,7 +151,7 @@ def test_every_step_starts_under_a_limit_and_the_limits_fit_ten_minutes(tmp_path
 
 
 def test_a_failing_shard_fails_the_selftest_step(tmp_path):
-    p, out, calls, limits = run_gpu_check(tmp_path, fail_shard=3)
+    p, out, calls, _ = run_gpu_check(tmp_path, fail_shard=3)
     assert p.returncode == 1, p.stdout + p.stderr
     assert "FAIL  selftest --full" in (out / "summary.txt").read_text()
     assert len(_shards(calls)) == 16  # the other shards ran to the end, and so did the later steps

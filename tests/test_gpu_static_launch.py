@@ -34,7 +34,7 @@ def test_every_integer_argument_is_set_to_one_in_turn():
     classes = {(k, g._acc(v.split()[0])) for (k, v, *_rest) in g.triton_variants(quick=True)}
     assert {(k, g._acc(v.split()[0])) for (k, v, *_rest) in spec} == classes
     for cls in classes:
-        sig, const = base[cls]
+        sig, _ = base[cls]
         ints = [n for n, t in sig.items() if t in ("i32", "i64")]
         assert ints, cls
         rows = [s for s in spec if (s[0], g._acc(s[1].split()[0])) == cls]
