@@ -87,11 +87,13 @@ def _value32(key):
 @triton.jit
 def _div_rn(x, n):
     """x / n correctly rounded (IEEE): Triton's fp32 ``/`` compiles to an approximate division on
-    a GPU (div.full.f32), which would break the bit-equality with the CPU op; fp64 ``/`` is IEEE."""
+    a GPU (div.full.f32), which would break the bit-equality with the CPU op; fp64 ``/`` is IEEE.
+    n is a runtime integer or, when the launcher passed 1, the compile-time constant 1 that Triton
+    specialises it to: ``tl.cast`` takes both (``n.to`` does not exist on a constexpr)."""
     if x.dtype == tl.float32:
-        return tl.math.div_rn(x, n.to(tl.float32))
+        return tl.math.div_rn(x, tl.cast(n, tl.float32))
     else:
-        return x / n.to(x.dtype)
+        return x / tl.cast(n, x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,14 +7,16 @@
 # Uses the python3 it finds (never creates a venv, never installs torch or anything else from a
 # network), builds fastloss's CPU and CUDA extensions in place against that torch, then runs:
 #   1. python -m fastloss.selftest --full, sharded over the cores (every fast backend against CPU
-#      float64 ground truth);
+#      float64 ground truth; scripts/gpu-check-selftest.sh runs the shards, SHARDS x THREADS <= cores);
 #   2. pytest in GPU mode (real kernels, TRITON_INTERPRET unset): the gpu-marked tests and the
 #      device-aware Triton test modules;
 #   3. the op timings on the GPU (benchmarks/gpu_ops.py) and a short fastloss-bench --device cuda.
 # Writes at most 8 files to OUTDIR: summary.txt, env.txt, build.log, selftest.txt, selftest.json,
-# pytest.txt, bench.txt, bench.json. Each step has a time limit, so that the whole run ends within
-# 10 minutes. Exit status: 0 when every step passed; 1 when one failed or ran out of time; 2 when
-# there is no GPU here (before anything is built).
+# pytest.txt, bench.txt, bench.json. Every command runs under `timeout` with its limit below; the
+# limits plus their kill grace add up to at most 600 s (tests/common/test_gpu_check_steps.py checks it, on
+# a fake python), so the whole run ends within 10 minutes, the selftest taking the largest share.
+# Exit status: 0 when every step passed; 1 when one failed or ran out of time; 2 when there is no
+# GPU here (before anything is built).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu-check-out}
@@ -24,27 +26,53 @@ summary="$OUT/summary.txt"
 : > "$summary"
 say() { echo "$*" | tee -a "$summary"; }
 
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  say "gpu-check: no CUDA device is visible to $PY (torch.cuda.is_available() is False, or torch is missing); nothing was built or tested"
+# Time limits in seconds (each command also gets KILL_S after its limit to die of SIGTERM): with the
+# kill grace they add up to 578 of the 600 s; the rest is the shell's own work.
+KILL_S=2
+T_PROBE=20 T_ENV=30 T_BUILD=120 T_INFO=15 T_SELFTEST=210 T_MERGE=10 T_PYTEST=90 T_GPU_OPS=30 T_BENCH=35
+bounded() {  # bounded LIMIT_S CMD...: CMD under its time limit (the process group is signalled)
+  local limit=$1; shift
+  timeout --kill-after="$KILL_S" "$limit" "$@"
+}
+
+# the GPU probe: exit 0 and the device's compute capability on the last line
+ARCH=$(bounded "$T_PROBE" "$PY" -c "import torch, sys
+if not torch.cuda.is_available(): sys.exit(1)
+c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')" 2>/dev/null | tail -1)
+if ! [[ $ARCH =~ ^[0-9]+\.[0-9]+$ ]]; then
+  say "gpu-check: no CUDA device is visible to $PY (torch.cuda.is_available() is False, torch is missing, or the probe took over ${T_PROBE}s); nothing was built or tested"
   exit 2
 fi
 unset TRITON_INTERPRET
-CORES=$(nproc)
-ARCH=$("$PY" -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')")
+# the cores this process may use (nproc would answer OMP_NUM_THREADS if the caller set it)
+CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 export TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$CORES" PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 {
   date -u
-  "$PY" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('device', torch.cuda.get_device_name(), 'capability', torch.cuda.get_device_capability(), 'count', torch.cuda.device_count())"
-  "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1
-  (nvcc --version 2>&1 | tail -2) || echo "nvcc not found"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
   echo "cores $CORES, TORCH_CUDA_ARCH_LIST=$ARCH"
+  bounded "$T_ENV" "$PY" -c "import subprocess, sys
+def run(cmd):
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
+        return (p.stdout + p.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f'{cmd[0]}: {e}'
+print('python', sys.version.split()[0])
+import torch
+print('torch', torch.__version__, 'cuda', torch.version.cuda)
+print('device', torch.cuda.get_device_name(), 'capability', torch.cuda.get_device_capability(), 'count', torch.cuda.device_count())
+try:
+    import triton; print('triton', triton.__version__)
+except Exception as e:
+    print('triton:', type(e).__name__, e)
+print('\n'.join(run(['nvcc', '--version']).splitlines()[-2:]))
+print(run(['nvidia-smi', '--query-gpu=name,driver_version,memory.total', '--format=csv,noheader']))"
 } > "$OUT/env.txt" 2>&1
 status=0
 step() {  # step NAME LIMIT_S LOGFILE CMD...: run with a time limit, append to LOGFILE, record the result
   local name=$1 limit=$2 log=$3; shift 3
   local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
+  bounded "$limit" "$@" >> "$log" 2>&1
   local rc=$?
   local took=$((SECONDS - t0))
   if [ $rc -eq 0 ]; then say "PASS  $name (${took}s)"
@@ -54,30 +82,21 @@ step() {  # step NAME LIMIT_S LOGFILE CMD...: run with a time limit, append to L
 }
 
 # 1. build both extensions in place against this torch (the CPU one even if the CUDA one fails)
-if ! step "build (pip install -e . --no-build-isolation --no-deps, sm_${ARCH/./})" 240 "$OUT/build.log" \
+if ! step "build (pip install -e . --no-build-isolation --no-deps, sm_${ARCH/./})" "$T_BUILD" "$OUT/build.log" \
     "$PY" -m pip install -v -e . --no-build-isolation --no-deps; then
   say "gpu-check: the build failed; the tests below run what was built"
 fi
-"$PY" -m fastloss.info >> "$OUT/env.txt" 2>&1
+bounded "$T_INFO" "$PY" -m fastloss.info >> "$OUT/env.txt" 2>&1
 
-# 2. the acceptance run, sharded over the cores (the shards share the Triton cache)
+# 2. the acceptance run, sharded over the cores (the shards share the Triton cache), each shard with
+# an equal part of the cores for torch's CPU threads (the float64 CPU ground truth)
 SHARDS=$(( CORES < 16 ? CORES : 16 ))
+THREADS=$(( CORES / SHARDS ))
 tmp=$(mktemp -d)
-selftest_shards() {
-  local pids=() k rc=0 worst=0
-  for k in $(seq 1 "$SHARDS"); do
-    "$PY" -m fastloss.selftest --full --shard "$k/$SHARDS" --json "$tmp/selftest-$k.json" > "$tmp/selftest-$k.txt" 2>&1 &
-    pids+=($!)
-  done
-  for k in "${!pids[@]}"; do
-    wait "${pids[$k]}"; rc=$?
-    # 1 (mismatch) outranks 2 (not run), which outranks 0
-    if [ $rc -eq 1 ] || { [ $rc -ne 0 ] && [ $worst -ne 1 ]; }; then worst=$rc; fi
-  done
-  return $worst
-}
-step "selftest --full ($SHARDS shards)" 300 "$OUT/selftest.txt" selftest_shards
-"$PY" - "$tmp" "$OUT" <<'PYEOF'
+step "selftest --full ($SHARDS shards x $THREADS threads)" "$T_SELFTEST" "$OUT/selftest.txt" \
+  bash scripts/gpu-check-selftest.sh "$PY" "$SHARDS" "$THREADS" "$tmp"
+# the shards' results into selftest.txt / selftest.json; the counts and the first failures to the summary
+bounded "$T_MERGE" "$PY" - "$tmp" "$OUT" <<'PYEOF' 2>&1 | tee -a "$summary"
 import glob, json, os, sys
 tmp, out = sys.argv[1:3]
 results, codes, text = [], [], []
@@ -102,12 +121,12 @@ PYEOF
 rm -rf "$tmp"
 
 # 3. pytest in GPU mode: real kernels
-step "pytest -m gpu + device-aware Triton tests" 150 "$OUT/pytest.txt" \
-  "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/common/test_gpu.py tests/pdl/test_pdl_triton.py tests/d2sm/test_d2sm_triton.py
+step "pytest -m gpu + device-aware Triton tests" "$T_PYTEST" "$OUT/pytest.txt" \
+  "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/common/test_gpu.py tests/pdl/test_pdl_triton.py tests/pdl/test_pdl_triton_n1.py tests/d2sm/test_d2sm_triton.py
 
 # 4. op timings on the GPU and a short steps/sec run
-step "benchmarks/gpu_ops.py" 90 "$OUT/bench.txt" "$PY" benchmarks/gpu_ops.py --json "$OUT/bench.json"
-step "fastloss-bench --device cuda (short)" 90 "$OUT/bench.txt" \
+step "benchmarks/gpu_ops.py" "$T_GPU_OPS" "$OUT/bench.txt" "$PY" benchmarks/gpu_ops.py --json "$OUT/bench.json"
+step "fastloss-bench --device cuda (short)" "$T_BENCH" "$OUT/bench.txt" \
   "$PY" -m fastloss.bench --device cuda --steps 2 --warmup 1 --rounds 2 --no-progress --out "$tmp-bench"
 rm -rf "$tmp-bench"
 
