@@ -22,9 +22,14 @@ import os
 from typing import Dict, Iterable, List, Mapping, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["VGG", "vgg16", "vgg19", "layer_names", "TORCHVISION_CHECKPOINTS"]
+__all__ = ["VGG", "vgg16", "vgg19", "layer_names", "TORCHVISION_CHECKPOINTS", "COMPUTE_DTYPES"]
+
+# What a frozen backbone may compute in: None (its own dtype, float32; bfloat16 under a bfloat16
+# autocast region) or bfloat16. float16 is not offered: see ``VGG.run_dtype``.
+COMPUTE_DTYPES = (None, torch.bfloat16)
 
 # torchvision's `cfgs["D"]` (vgg16) and `cfgs["E"]` (vgg19): output channels per conv, "M" = max pool.
 _CFGS: Dict[str, List[Union[int, str]]] = {
@@ -175,6 +180,12 @@ class VGG(nn.Module):
             weights already in the local torch hub cache (``torch.hub.get_dir()/checkpoints``;
             never downloaded). Keys other than ``features.*`` are ignored.
         normalize: subtract the ImageNet mean and divide by its std (inputs expected in [0, 1]).
+        compute_dtype: ``None`` (float32, or bfloat16 inside a ``torch.autocast(dtype=torch.bfloat16)``
+            region of the input's device type) or ``torch.bfloat16`` (always). The convolutions run
+            in that dtype on weights cast once (and cached); the ImageNet normalization in float32.
+            Features come back in the compute dtype: losses upcast them before their formula.
+        channels_last: run the convolutions in NHWC (``True``), NCHW (``False``), or ``None``: where
+            it measured not slower (see ``channels_last_default``).
 
     The module is frozen: parameters never require grad and it always stays in eval mode.
     """
@@ -185,9 +196,16 @@ class VGG(nn.Module):
         layers: Union[str, Iterable[str]] = ("relu4_3",),
         weights: WeightsArg = None,
         normalize: bool = True,
+        compute_dtype: "torch.dtype | None" = None,
+        channels_last: "bool | None" = None,
     ) -> None:
         super().__init__()
         _check_arch(arch)
+        self.compute_dtype = check_compute_dtype("VGG", compute_dtype)
+        if channels_last not in (None, True, False):
+            raise ValueError(f"VGG: channels_last must be None, True or False, got {channels_last!r}")
+        self.channels_last = channels_last
+        self._cast_cache: Dict[tuple, List[torch.Tensor]] = {}
         layout = _layout(arch)
         index = {name: i for i, (name, _, _, _) in enumerate(layout)}
 
@@ -273,23 +291,72 @@ class VGG(nn.Module):
             )
         self.features.load_state_dict(picked, strict=True)
 
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): the cast weights are stale
+        self._cast_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
     def train(self, mode: bool = True) -> "VGG":
         """Kept for the nn.Module API; the extractor is frozen and always stays in eval mode."""
         return super().train(False)
 
+    def run_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the convolutions run in for input ``x``: ``compute_dtype`` if set; else
+        bfloat16 inside a bfloat16 autocast region of x's device type; else the module's own
+        (float32). A float16 autocast region runs the backbone in float32: VGG's activations and,
+        under a GradScaler, its scaled gradients are not bounded by float16's range (65504), and
+        the loss must never be the source of an Inf or NaN (README, "Fast steps")."""
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        own = self.features[0].weight.dtype
+        dev = x.device.type
+        if own != torch.float64 and torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev) \
+                and torch.get_autocast_dtype(dev) == torch.bfloat16:
+            return torch.bfloat16
+        return own
+
+    def _weights(self, dtype: torch.dtype, channels_last: bool) -> List[torch.Tensor]:
+        """[weight, bias] of every conv in ``dtype`` (and NHWC), cast once and kept until the
+        parameters change (``.to()``, ``load_state_dict``)."""
+        convs = [m for m in self.features if isinstance(m, nn.Conv2d)]
+        stamp = tuple((c.weight.data_ptr(), c.weight._version, c.bias._version) for c in convs)
+        key = (dtype, channels_last, convs[0].weight.device)
+        hit = self._cast_cache.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        if dtype == convs[0].weight.dtype and not channels_last:
+            cast = [t for c in convs for t in (c.weight, c.bias)]  # no copy
+        else:
+            cast = [t for c in convs for t in (c.weight.to(dtype).contiguous(memory_format=fmt), c.bias.to(dtype))]
+        self._cast_cache[key] = (stamp, cast)
+        return cast
+
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``{layer: features(x) at that layer}`` in requested order; x is [N, 3, H, W] of any
-        floating dtype, converted to the extractor's (float32 unless the module was converted):
-        float16 / bfloat16 images are computed in float32 and give float32 features."""
+        floating dtype. The ImageNet normalization runs in the module's dtype (float32), the
+        convolutions in ``run_dtype(x)``; the features come back in that dtype (float16 images
+        are computed in float32 and give float32 features)."""
         self._check_input(x)
-        x = x.to(self.features[0].weight.dtype)
-        if self.normalize:
-            x = (x - self.mean) / self.std
-        found: Dict[str, torch.Tensor] = {}
-        for i, module in enumerate(self.features):
-            x = module(x)
-            if i in self._out_index:
-                found[self._out_index[i]] = x
+        dtype = self.run_dtype(x)
+        cl = channels_last_default(x.device, dtype) if self.channels_last is None else self.channels_last
+        params = self._weights(dtype, cl)
+        with _autocast_off(x.device):
+            x = x.to(self.features[0].weight.dtype)
+            if self.normalize:
+                x = (x - self.mean) / self.std
+            x = x.to(dtype, memory_format=torch.channels_last if cl else torch.preserve_format)
+            found: Dict[str, torch.Tensor] = {}
+            k = 0
+            for i, module in enumerate(self.features):
+                if isinstance(module, nn.Conv2d):
+                    x = F.conv2d(x, params[k], params[k + 1], padding=1)
+                    k += 2
+                elif isinstance(module, nn.ReLU):
+                    x = F.relu(x)
+                else:
+                    x = F.max_pool2d(x, 2, 2)
+                if i in self._out_index:
+                    found[self._out_index[i]] = x
         return {name: found[name] for name in self.layers}
 
     def _check_input(self, x) -> None:
@@ -311,16 +378,56 @@ class VGG(nn.Module):
             raise ValueError(f"VGG: x is on {x.device} but the extractor is on {device}; move one of them")
 
     def extra_repr(self) -> str:
-        return f"arch={self.arch!r}, layers={self.layers}, normalize={self.normalize}"
+        return (f"arch={self.arch!r}, layers={self.layers}, normalize={self.normalize}, "
+                f"compute_dtype={self.compute_dtype}, channels_last={self.channels_last}")
 
 
-def extractor_module(loss: str, extractor, layers, weights) -> nn.Module:
+def check_compute_dtype(owner: str, compute_dtype):
+    """``compute_dtype`` if it is one of ``COMPUTE_DTYPES``, else a ValueError naming ``owner``."""
+    if not any(compute_dtype is d for d in COMPUTE_DTYPES):
+        raise ValueError(f"{owner}: compute_dtype must be None or torch.bfloat16, got {compute_dtype!r}")
+    return compute_dtype
+
+
+def channels_last_default(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the backbone runs NHWC by default: on the CPU always (oneDNN's NHWC convolutions
+    measured faster in float32 and bfloat16, BENCHMARKS.md "backbone"); on CUDA in bfloat16 /
+    float16, where cuDNN's tensor-core kernels are NHWC (not measured here: no GPU has run
+    fastloss yet); float32 on CUDA stays NCHW."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+
+
+def run_extractor(extractor: nn.Module, x: torch.Tensor, compute_dtype=None):
+    """``extractor(x)``; a module other than ``VGG`` given a ``compute_dtype`` runs under
+    ``torch.autocast`` in it (a ``VGG`` reads its own ``compute_dtype``)."""
+    if compute_dtype is None or isinstance(extractor, VGG) or not torch.amp.is_autocast_available(x.device.type):
+        return extractor(x)
+    with torch.autocast(x.device.type, dtype=compute_dtype):
+        return extractor(x)
+
+
+def float32_features(feats: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Features as a loss formula takes them: bfloat16 / float16 upcast to float32 (the formulas
+    always run in float32 or float64 on the features, whatever the backbone computed in)."""
+    return {k: v.float() if v.dtype in (torch.bfloat16, torch.float16) else v for k, v in feats.items()}
+
+
+def _autocast_off(device: torch.device):
+    from ._ops import autocast_off  # fastloss._ops imports the dispatch; keep features importable alone
+
+    return autocast_off(device)
+
+
+def extractor_module(loss: str, extractor, layers, weights, compute_dtype=None) -> nn.Module:
     """A loss's ``extractor`` argument as a module: any ``nn.Module`` as it is, or a frozen
-    ``VGG("vgg16" | "vgg19", layers, weights)``."""
+    ``VGG("vgg16" | "vgg19", layers, weights, compute_dtype=compute_dtype)``."""
+    check_compute_dtype(loss, compute_dtype)
     if isinstance(extractor, nn.Module):
         return extractor
     if isinstance(extractor, str) and extractor in ("vgg16", "vgg19"):
-        return VGG(extractor, layers=layers, weights=weights)
+        return VGG(extractor, layers=layers, weights=weights, compute_dtype=compute_dtype)
     raise ValueError(f"{loss}: extractor must be 'vgg16', 'vgg19' or an nn.Module, got {extractor!r}")
 
 

@@ -3,6 +3,9 @@ fastloss's frozen VGG."""
 import torch
 import torch.nn as nn
 
+from . import _checks, _ops
+from .features import VGG, check_compute_dtype, float32_features
+
 
 class PerceptualLoss(nn.Module):
     """The L1- or L2-perceptual loss the PDL and MDF papers compare against, on fastloss's frozen VGG:
@@ -10,11 +13,8 @@ class PerceptualLoss(nn.Module):
     on images in [0, 1]; target features without autograd. Combine it with ``PDLLoss`` by adding the two."""
 
     def __init__(self, layers=("relu4_3",), layer_weights=None, weight=0.01, pixel_weight=1.0, p=1,
-                 extractor="vgg16", extractor_weights="torchvision"):
+                 extractor="vgg16", extractor_weights="torchvision", compute_dtype=None):
         super().__init__()
-        from . import _checks
-        from .features import VGG
-
         layers = (layers,) if isinstance(layers, str) else tuple(layers)
         if isinstance(p, bool) or p not in (1, 2):
             raise ValueError(f"PerceptualLoss: p must be 1 or 2, got {p!r}")
@@ -24,17 +24,24 @@ class PerceptualLoss(nn.Module):
             raise ValueError(f"PerceptualLoss: layer_weights has {len(layer_weights)} entries for {len(layers)} layers")
         if extractor not in ("vgg16", "vgg19"):
             raise ValueError(f"PerceptualLoss: extractor must be 'vgg16' or 'vgg19', got {extractor!r}")
-        self.vgg = VGG(extractor, layers=layers, weights=extractor_weights)
+        self.vgg = VGG(extractor, layers=layers, weights=extractor_weights,
+                       compute_dtype=check_compute_dtype("PerceptualLoss", compute_dtype))
+        self.compute_dtype = compute_dtype
         self.layers, self.layer_weights = layers, tuple(float(w) for w in layer_weights)
         self.weight, self.pixel_weight, self.p = float(weight), float(pixel_weight), p
-        self._check = _checks
 
     def forward(self, restored, clean):
         for name, t in (("restored", restored), ("clean", clean)):
-            self._check.check_image("PerceptualLoss", name, t)
+            _checks.check_image("PerceptualLoss", name, t)
         fu = self.vgg(restored)
         with torch.no_grad():
             fv = self.vgg(clean)
+        return self.feature_terms(fu, fv, self.pixel_weight * (restored - clean).abs().mean())
+
+    def feature_terms(self, fu, fv, loss=0.0):
+        """``loss + weight * sum_l w_l * mean(|fu_l - fv_l|^p)``, in float32 (features computed in
+        bfloat16 are upcast first) with autocast off."""
+        fu, fv = float32_features(fu), float32_features(fv)
         d = lambda a, b: (a - b).abs().mean() if self.p == 1 else (a - b).square().mean()  # noqa: E731
-        return self.pixel_weight * (restored - clean).abs().mean() + self.weight * sum(
-            w * d(fu[k], fv[k]) for k, w in zip(self.layers, self.layer_weights))
+        with _ops.autocast_off(next(iter(fu.values())).device):
+            return loss + self.weight * sum(w * d(fu[k], fv[k]) for k, w in zip(self.layers, self.layer_weights))

@@ -6,7 +6,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import _checks
-from ..features import extractor_module
+from .. import _ops
+from ..features import extractor_module, float32_features, run_extractor
 from .ops import _check_reduction, d2sm_kl
 from .queue import D2SMQueue, _dist_world
 
@@ -34,7 +35,8 @@ class D2SMLoss(nn.Module):
     def __init__(self, extractor="vgg19", layer: str = "conv5_4", queue_size: int = 256, mode: str = "paper",
                  internal_patches: bool = False, patch_size: int = 224, patch_stride: int = 56, weight: float = 1.0,
                  extractor_weights="torchvision", eps: float = 1e-6, backend: str = "auto", reduction: str = "mean",
-                 layers=None, layer_weights=None, patch_scope: str = "batch", input_range=(0, 1)):
+                 layers=None, layer_weights=None, patch_scope: str = "batch", input_range=(0, 1),
+                 compute_dtype=None):
         super().__init__()
         self.input_range = _checks.check_input_range("D2SMLoss", input_range)
         self._range_check = _checks.RangeCheck("D2SMLoss", self.input_range)
@@ -56,7 +58,8 @@ class D2SMLoss(nn.Module):
         self.layer, self.internal_patches, self.patch_scope = layers[0], bool(internal_patches), patch_scope
         self.patch_size, self.patch_stride, self.weight = patch_size, patch_stride, float(weight)
         self.reduction = reduction
-        self.extractor = extractor_module("D2SMLoss", extractor, layers, extractor_weights)
+        self.extractor = extractor_module("D2SMLoss", extractor, layers, extractor_weights, compute_dtype)
+        self.compute_dtype = compute_dtype
         # the first layer's queue keeps its name (state dicts of one-layer losses are unchanged)
         self.queue = D2SMQueue(queue_size, mode, eps, backend, reduction)
         self.more_queues = nn.ModuleList(D2SMQueue(queue_size, mode, eps, backend, reduction) for _ in layers[1:])
@@ -107,7 +110,10 @@ class D2SMLoss(nn.Module):
 
     def _layer_features(self, x):
         """{layer: [R, D]} rows, one per sample."""
-        out = self.extractor(x)
+        return self._rows(run_extractor(self.extractor, x, self.compute_dtype))
+
+    def _rows(self, out):
+        """The extractor's output as {layer: [R, D]} rows, one per sample."""
         if isinstance(out, dict):
             missing = [name for name in self.layers if name not in out]
             if missing:
@@ -139,16 +145,7 @@ class D2SMLoss(nn.Module):
         builtin = type(self.extractor).__module__ == "fastloss.features"
         for name, t in (("restored", restored), ("clean", clean)):
             _checks.check_image("D2SMLoss", name, t, rgb=builtin)
-        if restored.shape != clean.shape:
-            raise ValueError(f"D2SMLoss: restored and clean shapes differ: {tuple(restored.shape)} vs "
-                             f"{tuple(clean.shape)}")
-        if restored.dtype != clean.dtype:
-            raise TypeError(f"D2SMLoss: restored and clean dtypes differ: {restored.dtype} vs {clean.dtype}")
-        if restored.device != clean.device:
-            raise ValueError(f"D2SMLoss: restored and clean are on different devices: {restored.device} vs "
-                             f"{clean.device}")
-        if restored.numel() == 0:
-            raise ValueError(f"D2SMLoss: restored is empty, shape {tuple(restored.shape)}")
+        _ops.check_pair("D2SMLoss", restored, clean, ("restored", "clean"))
         self._range_check(clean)  # the data convention; an untrained network's output strays from it
         restored, clean = _checks.to_unit_range(restored, self.input_range), _checks.to_unit_range(clean, self.input_range)
         b, hw = restored.shape[0], tuple(restored.shape[-2:])
@@ -163,13 +160,21 @@ class D2SMLoss(nn.Module):
         fu = self._layer_features(restored)
         with torch.no_grad():
             fv = self._layer_features(clean)
+        return self.feature_terms(fu, fv, b, per_image)
+
+    def feature_terms(self, fu, fv, b, per_image=1):
+        """``weight * sum_l w_l * KL_l`` from the rows {layer: [b * per_image, D]}: each layer's queue
+        (or, with ``patch_scope="image"``, each image's set); in float32 (rows computed in bfloat16
+        are upcast first) with autocast off."""
+        fu, fv = float32_features(fu), float32_features(fv)
         loss = 0.0
-        for name, w, queue in zip(self.layers, self.layer_weights, self.queues):
-            if self.patch_scope == "image":  # one set per image, averaged over the batch
-                u, v = fu[name].unflatten(0, (b, per_image)), fv[name].unflatten(0, (b, per_image))
-                term = sum(d2sm_kl(u[i], v[i], mode=queue.mode, eps=queue.eps, backend=queue.backend,
-                                   reduction=self.reduction) for i in range(b)) / b
-            else:
-                term = queue(fu[name], fv[name])
-            loss = loss + w * term
+        with _ops.autocast_off(next(iter(fu.values())).device):
+            for name, w, queue in zip(self.layers, self.layer_weights, self.queues):
+                if self.patch_scope == "image":  # one set per image, averaged over the batch
+                    u, v = fu[name].unflatten(0, (b, per_image)), fv[name].unflatten(0, (b, per_image))
+                    term = sum(d2sm_kl(u[i], v[i], mode=queue.mode, eps=queue.eps, backend=queue.backend,
+                                       reduction=self.reduction) for i in range(b)) / b
+                else:
+                    term = queue(fu[name], fv[name])
+                loss = loss + w * term
         return self.weight * loss

@@ -6,7 +6,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import _backend, _checks
-from ..features import extractor_module
+from .. import _ops
+from ..features import extractor_module, float32_features, run_extractor
 from .ops import check_convention, pdl
 from .projections import PROJECTIONS, check_rpp, project, projection_matrix
 
@@ -28,7 +29,7 @@ class PDLLoss(nn.Module):
                  weight: float = 0.01, pixel_weight: float = 1.0, projection: str = "id", p: int = 1,
                  extractor="vgg16", extractor_weights="torchvision", num_projections: Optional[int] = None,
                  seed: int = 0, backend: str = "auto", root: bool = False, normalization: str = "mean",
-                 input_range=(0, 1)):
+                 input_range=(0, 1), compute_dtype=None):
         super().__init__()
         self.input_range = _checks.check_input_range("PDLLoss", input_range)
         self._range_check = _checks.RangeCheck("PDLLoss", self.input_range)
@@ -61,11 +62,12 @@ class PDLLoss(nn.Module):
         self.weight, self.pixel_weight = float(weight), float(pixel_weight)
         self.projection, self.num_projections, self.seed, self.p = projection, num_projections, seed, p
         self.backend = backend
-        self.extractor = extractor_module("PDLLoss", extractor, layers, extractor_weights)
+        self.extractor = extractor_module("PDLLoss", extractor, layers, extractor_weights, compute_dtype)
+        self.compute_dtype = compute_dtype
         self._matrices = {}
 
     def _features(self, x):
-        out = self.extractor(x)
+        out = run_extractor(self.extractor, x, self.compute_dtype)
         if isinstance(out, Tensor):
             if len(self.layers) != 1:
                 raise ValueError("PDLLoss: the extractor returned one tensor but several layers were requested")
@@ -96,9 +98,16 @@ class PDLLoss(nn.Module):
         fu = self._features(restored)
         with torch.no_grad():
             fv = self._features(clean)
-        for i, (name, w) in enumerate(zip(self.layers, self.layer_weights)):
-            m = self._matrix(i, fu[name].shape[1], fu[name].device)
-            loss = loss + self.weight * w * pdl(project(fu[name], m), project(fv[name], m), p=self.p,
-                                                 backend=self.backend, root=self.root,
-                                                 normalization=self.normalization)
+        return self.feature_terms(fu, fv, loss)
+
+    def feature_terms(self, fu, fv, loss=0.0):
+        """``loss + weight * sum_l w_l * pdl(P_l fu_l, P_l fv_l)``: the formula on the features, in
+        float32 (features computed in bfloat16 are upcast first) with autocast off."""
+        fu, fv = float32_features(fu), float32_features(fv)
+        with _ops.autocast_off(next(iter(fu.values())).device):
+            for i, (name, w) in enumerate(zip(self.layers, self.layer_weights)):
+                m = self._matrix(i, fu[name].shape[1], fu[name].device)
+                loss = loss + self.weight * w * pdl(project(fu[name], m), project(fv[name], m), p=self.p,
+                                                     backend=self.backend, root=self.root,
+                                                     normalization=self.normalization)
         return loss
