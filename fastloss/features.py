@@ -19,7 +19,7 @@ only guards against surprises). Gradients still flow to the input.
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterable, List, Mapping, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, NamedTuple, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -359,6 +359,14 @@ class VGG(nn.Module):
                     found[self._out_index[i]] = x
         return {name: found[name] for name in self.layers}
 
+    def pair(self, u: torch.Tensor, v: torch.Tensor):
+        """``(features of u, features of v)``: u's with autograd, v's without (a loss's prediction
+        and its target), both in ``run_dtype(u)``."""
+        fu = self(u)
+        with torch.no_grad():
+            fv = self(v)
+        return fu, fv
+
     def _check_input(self, x) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"VGG: x must be a torch.Tensor, got {type(x).__name__}")
@@ -380,6 +388,45 @@ class VGG(nn.Module):
     def extra_repr(self) -> str:
         return (f"arch={self.arch!r}, layers={self.layers}, normalize={self.normalize}, "
                 f"compute_dtype={self.compute_dtype}, channels_last={self.channels_last}")
+
+
+class SharedPass(NamedTuple):
+    """What a loss needs from a frozen extractor, for ``fastloss.combine()``: the module, its
+    layers, the range its images are mapped from, and the compute dtype it runs in."""
+
+    extractor: nn.Module
+    layers: Tuple[str, ...]
+    input_range: Tuple[int, int]
+    compute_dtype: "torch.dtype | None"
+
+
+def same_vgg(a: "VGG", b: "VGG") -> bool:
+    """Whether two VGGs compute the same features where both have layers: same architecture,
+    normalization, compute dtype, layout, and equal weights up to the shallower one's depth."""
+    if (a.arch, a.normalize, a.compute_dtype, a.channels_last) != (b.arch, b.normalize, b.compute_dtype,
+                                                                  b.channels_last):
+        return False
+    pa, pb = list(a.features.parameters()), list(b.features.parameters())
+    return all(x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)
+               for x, y in zip(pa, pb))
+
+
+def union_vgg(vggs: List["VGG"], layers: Iterable[str]) -> "VGG":
+    """One VGG returning ``layers``, on the modules (the same weights, not a copy) of the deepest
+    of ``vggs``, which ``same_vgg`` found equal."""
+    deepest = max(vggs, key=lambda v: len(v.features))
+    out = VGG.__new__(VGG)
+    nn.Module.__init__(out)
+    index = {name: i for i, (name, _, _, _) in enumerate(_layout(deepest.arch))}
+    out.arch, out.normalize = deepest.arch, deepest.normalize
+    out.compute_dtype, out.channels_last, out._cast_cache = deepest.compute_dtype, deepest.channels_last, {}
+    out.layers = tuple(dict.fromkeys(layers))
+    out._out_index = {index[name]: name for name in out.layers}
+    out._deepest = deepest._deepest
+    out.features = deepest.features
+    out.register_buffer("mean", deepest.mean, persistent=False)
+    out.register_buffer("std", deepest.std, persistent=False)
+    return out
 
 
 def check_compute_dtype(owner: str, compute_dtype):
@@ -406,6 +453,17 @@ def run_extractor(extractor: nn.Module, x: torch.Tensor, compute_dtype=None):
         return extractor(x)
     with torch.autocast(x.device.type, dtype=compute_dtype):
         return extractor(x)
+
+
+def feature_pair(extractor: nn.Module, u: torch.Tensor, v: torch.Tensor, compute_dtype=None):
+    """``(extractor(u), extractor(v))``, v's without autograd: ``VGG.pair`` for a VGG (its bfloat16
+    path runs the target and the difference), two ``run_extractor`` calls for any other module."""
+    if isinstance(extractor, VGG):
+        return extractor.pair(u, v)
+    fu = run_extractor(extractor, u, compute_dtype)
+    with torch.no_grad():
+        fv = run_extractor(extractor, v, compute_dtype)
+    return fu, fv
 
 
 def float32_features(feats: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

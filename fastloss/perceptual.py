@@ -1,10 +1,9 @@
 """``PerceptualLoss``: the L1- or L2-perceptual loss the PDL and MDF papers compare against, on
 fastloss's frozen VGG."""
-import torch
 import torch.nn as nn
 
 from . import _checks, _ops
-from .features import VGG, check_compute_dtype, float32_features
+from .features import VGG, SharedPass, check_compute_dtype, float32_features
 
 
 class PerceptualLoss(nn.Module):
@@ -30,12 +29,26 @@ class PerceptualLoss(nn.Module):
         self.layers, self.layer_weights = layers, tuple(float(w) for w in layer_weights)
         self.weight, self.pixel_weight, self.p = float(weight), float(pixel_weight), p
 
-    def forward(self, restored, clean):
+    def prepare(self, restored, clean):
+        """The input checks; images in [0, 1] as they are."""
         for name, t in (("restored", restored), ("clean", clean)):
             _checks.check_image("PerceptualLoss", name, t)
-        fu = self.vgg(restored)
-        with torch.no_grad():
-            fv = self.vgg(clean)
+        if restored.shape != clean.shape:
+            raise ValueError(f"PerceptualLoss: restored and clean shapes differ: {tuple(restored.shape)} vs "
+                             f"{tuple(clean.shape)}")
+        return restored, clean
+
+    # what fastloss.combine() shares: one extractor pass for the union of the layers
+    def shared_pass(self):
+        return SharedPass(self.vgg, self.layers, (0, 1), self.compute_dtype)
+
+    def terms_from_features(self, restored, clean, fu, fv):
+        """The loss without its pixel term, from ``{layer: features}`` of both images."""
+        return self.feature_terms(fu, fv)
+
+    def forward(self, restored, clean):
+        restored, clean = self.prepare(restored, clean)
+        fu, fv = self.vgg.pair(restored, clean)
         return self.feature_terms(fu, fv, self.pixel_weight * (restored - clean).abs().mean())
 
     def feature_terms(self, fu, fv, loss=0.0):

@@ -1,13 +1,12 @@
 """``D2SMLoss``: the D2SM KL on the features of a frozen extractor, one queue per layer."""
 import math
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
 from .. import _checks
 from .. import _ops
-from ..features import extractor_module, float32_features, run_extractor
+from ..features import SharedPass, extractor_module, feature_pair, float32_features
 from .ops import _check_reduction, d2sm_kl
 from .queue import D2SMQueue, _dist_world
 
@@ -104,14 +103,6 @@ class D2SMLoss(nn.Module):
         p = x.unfold(2, ps, st).unfold(3, ps, st)  # [B, C, nH, nW, ps, ps]
         return p.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1], ps, ps)
 
-    def _features(self, x):
-        """[R, D] rows of the first layer, one per sample."""
-        return self._layer_features(x)[self.layer]
-
-    def _layer_features(self, x):
-        """{layer: [R, D]} rows, one per sample."""
-        return self._rows(run_extractor(self.extractor, x, self.compute_dtype))
-
     def _rows(self, out):
         """The extractor's output as {layer: [R, D]} rows, one per sample."""
         if isinstance(out, dict):
@@ -141,13 +132,32 @@ class D2SMLoss(nn.Module):
         raise ValueError(f"D2SMLoss: queue_size={self.queue.queue_size} is smaller than the batch ({what}): this "
                          f"setting needs queue_size >= {rows}{alt}")
 
-    def forward(self, restored: Tensor, clean: Tensor) -> Tensor:
+    pixel_weight = 0.0  # D2SM has no pixel term
+
+    def prepare(self, restored: Tensor, clean: Tensor):
+        """The input checks, then both images mapped to [0, 1] (``input_range``)."""
         builtin = type(self.extractor).__module__ == "fastloss.features"
         for name, t in (("restored", restored), ("clean", clean)):
             _checks.check_image("D2SMLoss", name, t, rgb=builtin)
         _ops.check_pair("D2SMLoss", restored, clean, ("restored", "clean"))
         self._range_check(clean)  # the data convention; an untrained network's output strays from it
-        restored, clean = _checks.to_unit_range(restored, self.input_range), _checks.to_unit_range(clean, self.input_range)
+        return _checks.to_unit_range(restored, self.input_range), _checks.to_unit_range(clean, self.input_range)
+
+    # what fastloss.combine() shares: one extractor pass for the union of the layers (not over
+    # internal patches, which are other images)
+    def shared_pass(self):
+        if self.internal_patches:
+            return None
+        return SharedPass(self.extractor, self.layers, self.input_range, self.compute_dtype)
+
+    def terms_from_features(self, restored, clean, fu, fv):
+        """The loss from ``{layer: features}`` of both images (no internal patches)."""
+        b = restored.shape[0]
+        self._check_set_size(b, 1, tuple(restored.shape[-2:]))
+        return self.feature_terms(self._rows(fu), self._rows(fv), b)
+
+    def forward(self, restored: Tensor, clean: Tensor) -> Tensor:
+        restored, clean = self.prepare(restored, clean)
         b, hw = restored.shape[0], tuple(restored.shape[-2:])
         if self.internal_patches:
             restored, clean = self.patches(restored), self.patches(clean)
@@ -157,10 +167,8 @@ class D2SMLoss(nn.Module):
                              f"(patch_size={self.patch_size}, patch_stride={self.patch_stride} on {hw[0]} x {hw[1]} "
                              f"images)")
         self._check_set_size(b, per_image, hw)
-        fu = self._layer_features(restored)
-        with torch.no_grad():
-            fv = self._layer_features(clean)
-        return self.feature_terms(fu, fv, b, per_image)
+        fu, fv = feature_pair(self.extractor, restored, clean, self.compute_dtype)
+        return self.feature_terms(self._rows(fu), self._rows(fv), b, per_image)
 
     def feature_terms(self, fu, fv, b, per_image=1):
         """``weight * sum_l w_l * KL_l`` from the rows {layer: [b * per_image, D]}: each layer's queue

@@ -1,13 +1,12 @@
 """``PDLLoss``: PDL on the features of a frozen extractor, plus a pixel L1 term."""
 from typing import Optional, Sequence
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
 from .. import _backend, _checks
 from .. import _ops
-from ..features import extractor_module, float32_features, run_extractor
+from ..features import SharedPass, extractor_module, feature_pair, float32_features
 from .ops import check_convention, pdl
 from .projections import PROJECTIONS, check_rpp, project, projection_matrix
 
@@ -66,8 +65,8 @@ class PDLLoss(nn.Module):
         self.compute_dtype = compute_dtype
         self._matrices = {}
 
-    def _features(self, x):
-        out = run_extractor(self.extractor, x, self.compute_dtype)
+    def _layers_of(self, out):
+        """The extractor's output as {layer: features}, every requested layer present."""
         if isinstance(out, Tensor):
             if len(self.layers) != 1:
                 raise ValueError("PDLLoss: the extractor returned one tensor but several layers were requested")
@@ -84,21 +83,31 @@ class PDLLoss(nn.Module):
             self._matrices[key] = None if m is None else m.to(device)
         return self._matrices[key]
 
-    def forward(self, restored: Tensor, clean: Tensor) -> Tensor:
+    def prepare(self, restored: Tensor, clean: Tensor):
+        """The input checks, then both images mapped to [0, 1] (``input_range``)."""
         builtin = type(self.extractor).__module__ == "fastloss.features"
         for name, t in (("restored", restored), ("clean", clean)):
             _checks.check_image("PDLLoss", name, t, rgb=builtin)
         if restored.shape != clean.shape:
             raise ValueError(f"PDLLoss: restored and clean shapes differ: {tuple(restored.shape)} vs {tuple(clean.shape)}")
         self._range_check(clean)  # the data convention; an untrained network's output strays from it
-        restored, clean = _checks.to_unit_range(restored, self.input_range), _checks.to_unit_range(clean, self.input_range)
+        return _checks.to_unit_range(restored, self.input_range), _checks.to_unit_range(clean, self.input_range)
+
+    def forward(self, restored: Tensor, clean: Tensor) -> Tensor:
+        restored, clean = self.prepare(restored, clean)
         loss = self.pixel_weight * (restored - clean).abs().mean()
         if self.weight == 0:
             return loss
-        fu = self._features(restored)
-        with torch.no_grad():
-            fv = self._features(clean)
-        return self.feature_terms(fu, fv, loss)
+        fu, fv = feature_pair(self.extractor, restored, clean, self.compute_dtype)
+        return self.feature_terms(self._layers_of(fu), self._layers_of(fv), loss)
+
+    # what fastloss.combine() shares: one extractor pass for the union of the layers
+    def shared_pass(self):
+        return SharedPass(self.extractor, self.layers, self.input_range, self.compute_dtype)
+
+    def terms_from_features(self, restored, clean, fu, fv):
+        """The loss without its pixel term, from ``{layer: features}`` of both images."""
+        return self.feature_terms(fu, fv) if self.weight != 0 else restored.new_zeros(())
 
     def feature_terms(self, fu, fv, loss=0.0):
         """``loss + weight * sum_l w_l * pdl(P_l fu_l, P_l fv_l)``: the formula on the features, in
