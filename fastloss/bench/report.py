@@ -5,15 +5,26 @@ import os
 from .model import CONFIGS
 
 
+def _flags(m):
+    """The CPU's bfloat16-relevant flags, for the header (``run.cpu_flags``)."""
+    f = m.get("cpu_flags") or {}
+    if not f:
+        return ""
+    return f"; flags: {' '.join(f.get('flags') or ['no avx512 / amx'])}, torch CPU capability {f.get('torch_cpu_capability')}"
+
+
 def format_table(rows, skipped):
-    head = f"{'configuration':<28} {'backend':<10} {'steps/s':>8} {'vs L1':>7} {'vs VGG':>7} {'fast/ref':>9}"
+    w = max([28] + [len(r["label"]) for r in rows])
+    head = (f"{'configuration':<{w}} {'backend':<10} {'steps/s':>8} {'vs L1':>7} {'vs VGG':>7} {'vs VGG ac':>9} "
+            f"{'fast/ref':>9} {'vs added':>9}")
     lines = [head, "-" * len(head)]
     fmt = lambda v, suffix="": "-" if v is None else f"{v:.2f}{suffix}"  # noqa: E731
     for r in rows:
-        lines.append(f"{r['label']:<28} {r['backend']:<10} {r['steps_per_sec']:>8.2f} {fmt(r['relative_to_pixel']):>7} "
-                     f"{fmt(r['relative_to_vgg']):>7} {fmt(r['speedup_vs_reference'], 'x'):>9}")
+        lines.append(f"{r['label']:<{w}} {r['backend']:<10} {r['steps_per_sec']:>8.2f} {fmt(r['relative_to_pixel']):>7} "
+                     f"{fmt(r['relative_to_vgg']):>7} {fmt(r.get('relative_to_vgg_autocast')):>9} "
+                     f"{fmt(r['speedup_vs_reference'], 'x'):>9} {fmt(r.get('speedup_vs_added'), 'x'):>9}")
     for name, why in skipped.items():
-        lines.append(f"{CONFIGS[name][0]:<28} skipped: {why}")
+        lines.append(f"{CONFIGS[name][0]:<{w}} skipped: {why}")
     return "\n".join(lines)
 
 
@@ -65,7 +76,7 @@ def markdown_report(result, table, png_path, md_path):
         "",
         f"Command (from the repository root): `{result['command']}`",
         "",
-        f"- CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs, torch threads {m['torch_threads']})"
+        f"- CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs, torch threads {m['torch_threads']}{_flags(m)})"
         + (f", GPU: {m['gpu']}" if m.get("gpu") else ""),
         f"- torch {m['torch']}, triton {m['triton']}, python {m['python']}, fastloss {m['fastloss']}",
         f"- device {m['device']}, fast backend `{m['fast_backend']}`; backends available: "
@@ -109,7 +120,7 @@ def pdl_paper_report(result, table):
         "",
         f"Command (from the repository root): `{result['command']}`",
         "",
-        f"- CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs, torch threads {m['torch_threads']})"
+        f"- CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs, torch threads {m['torch_threads']}{_flags(m)})"
         + (f", GPU: {m['gpu']}" if m.get("gpu") else ""),
         f"- load average (1 / 5 / 15 min, as `uptime` prints it) before the run {fmt_load(load.get('before'))}, "
         f"after {fmt_load(load.get('after'))}",
