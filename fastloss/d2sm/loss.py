@@ -29,6 +29,10 @@ class D2SMLoss(nn.Module):
     ``reduction``: as ``d2sm_kl``. ``extractor_weights``: a path, ``"torchvision"`` (the local
     torch hub cache, never downloaded) or ``None`` (random init). ``reset()`` empties the queues;
     ``state_dict()`` carries them.
+    ``compute_dtype``: ``None`` (float32; bfloat16 inside a ``torch.autocast(dtype=torch.bfloat16)``
+    region) or ``torch.bfloat16``: the dtype the frozen backbone runs in (channels_last on the CPU);
+    the KL always runs in float32 on the features. D2SM's KL compares near-equal distributions and
+    moves by percents in bfloat16 (README, "Fast steps"): keep ``None`` where the value matters.
     """
 
     def __init__(self, extractor="vgg19", layer: str = "conv5_4", queue_size: int = 256, mode: str = "paper",

@@ -22,6 +22,9 @@ class PDLLoss(nn.Module):
     ``"torchvision"`` (torchvision's cached ImageNet weights, never downloaded), or ``None``
     (random init, for speed tests only). ``extractor`` may also be any ``nn.Module`` mapping
     images to a dict ``{layer: features}`` (or a single tensor, for one layer).
+    ``compute_dtype``: ``None`` (float32; bfloat16 inside a ``torch.autocast(dtype=torch.bfloat16)``
+    region) or ``torch.bfloat16``: the dtype the frozen backbone runs in (channels_last on the CPU);
+    the formula always runs in float32 on the features (README, "Fast steps").
     """
 
     def __init__(self, layers: Sequence[str] = ("relu4_3",), layer_weights: Optional[Sequence[float]] = None,
