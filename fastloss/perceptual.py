@@ -9,7 +9,7 @@ from .features import VGG, SharedPass, check_compute_dtype, float32_features
 class PerceptualLoss(nn.Module):
     """The L1- or L2-perceptual loss the PDL and MDF papers compare against, on fastloss's frozen VGG:
     ``pixel_weight * mean|u - v| + weight * sum_l w_l * mean(|Phi_l(u) - Phi_l(v)|^p)`` (p = 1 or 2)
-        on images in [0, 1]; target features without autograd. With ``PDLLoss`` (or any loss on the same
+    on images in [0, 1]; target features without autograd. With ``PDLLoss`` (or any loss on the same
     VGG), ``fastloss.combine(perceptual, pdl)`` runs the backbone once for both.
     ``compute_dtype``: ``None`` (float32; bfloat16 inside a ``torch.autocast(dtype=torch.bfloat16)``
     region) or ``torch.bfloat16``: the dtype the frozen backbone runs in (channels_last on the CPU);
