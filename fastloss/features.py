@@ -318,12 +318,14 @@ class VGG(nn.Module):
         """[weight, bias] of every conv in ``dtype`` (and NHWC), cast once and kept until the
         parameters change (``.to()``, ``load_state_dict``)."""
         convs = [m for m in self.features if isinstance(m, nn.Conv2d)]
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        if torch.compiler.is_compiling():  # traced: the casts become part of the compiled graph
+            return [t for c in convs for t in (c.weight.to(dtype).contiguous(memory_format=fmt), c.bias.to(dtype))]
         stamp = tuple((c.weight.data_ptr(), c.weight._version, c.bias._version) for c in convs)
         key = (dtype, channels_last, convs[0].weight.device)
         hit = self._cast_cache.get(key)
         if hit is not None and hit[0] == stamp:
             return hit[1]
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
         if dtype == convs[0].weight.dtype and not channels_last:
             cast = [t for c in convs for t in (c.weight, c.bias)]  # no copy
         else:

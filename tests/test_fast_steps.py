@@ -273,3 +273,20 @@ def test_combine_runs_a_shared_custom_extractor_once():
     counter.calls = 0
     torch.testing.assert_close(fastloss.combine(p, q)(x, y), want)
     assert counter.calls == 2
+
+
+def test_bfloat16_backbone_and_combine_compile_fullgraph():
+    """torch.compile(fullgraph=True) traces the bfloat16 backbone (its weight casts inside the
+    graph) and a combined loss, with the eager values."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    pdl = fastloss.PDLLoss(layers=("relu2_2",), extractor_weights=None, compute_dtype=torch.bfloat16)
+    perc = fastloss.PerceptualLoss(layers=("relu2_2",), extractor_weights=None, compute_dtype=torch.bfloat16)
+    pdl0 = fastloss.PDLLoss(layers=("relu1_2",), extractor_weights=None, compute_dtype=torch.bfloat16,
+                            pixel_weight=0.0)
+    _same_weights(perc, pdl0)
+    for loss in (pdl, fastloss.combine(perc, pdl0)):
+        want = loss(x, y)
+        got = torch.compile(loss, fullgraph=True, backend="aot_eager")(x, y)
+        torch.testing.assert_close(got, want)
