@@ -28,7 +28,8 @@ class PerceptualLoss(nn.Module):
         if extractor not in ("vgg16", "vgg19"):
             raise ValueError(f"PerceptualLoss: extractor must be 'vgg16' or 'vgg19', got {extractor!r}")
         self.vgg = VGG(extractor, layers=layers, weights=extractor_weights,
-                       compute_dtype=check_compute_dtype("PerceptualLoss", compute_dtype))
+                       compute_dtype=check_compute_dtype("PerceptualLoss", compute_dtype),
+                       _caller=("PerceptualLoss", "extractor_weights"))
         self.compute_dtype = compute_dtype
         self.layers, self.layer_weights = layers, tuple(float(w) for w in layer_weights)
         self.weight, self.pixel_weight, self.p = float(weight), float(pixel_weight), p

@@ -75,7 +75,7 @@ def parse_args(argv):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="fastloss-bench-out", help="output folder (default ./fastloss-bench-out)")
     ap.add_argument("--vgg-weights", default=None,
-                    help="torchvision-format VGG16/19 state dict, or 'torchvision' (local cache); default random")
+                    help="torchvision-format VGG16/19 state dict, or 'torchvision' (the torch hub cache, downloaded on first use); default random")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--demo", action="store_true", help="train with L1 and L1 + PDL and save side-by-side PNGs")
     ap.add_argument("--demo-steps", type=_positive_int, default=300,

@@ -26,8 +26,8 @@ class D2SMLoss(nn.Module):
     and the patches are the samples: ``patch_scope="batch"`` pools the patches of the batch into
     the queue; ``patch_scope="image"`` takes each image's patches as their own set (the KL of
     ``d2sm_kl`` over them, no queue) and averages over the images (paper §3.3; see README).
-    ``reduction``: as ``d2sm_kl``. ``extractor_weights``: a path, ``"torchvision"`` (the local
-    torch hub cache, never downloaded) or ``None`` (random init). ``reset()`` empties the queues;
+    ``reduction``: as ``d2sm_kl``. ``extractor_weights``: a path, ``"torchvision"`` (the torch hub
+    cache, downloaded there on first use unless ``FASTLOSS_OFFLINE=1``) or ``None`` (random init). ``reset()`` empties the queues;
     ``state_dict()`` carries them.
     ``compute_dtype``: ``None`` (float32; bfloat16 inside a ``torch.autocast(dtype=torch.bfloat16)``
     region) or ``torch.bfloat16``: the dtype the frozen backbone runs in (channels_last on the CPU);

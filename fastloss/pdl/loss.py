@@ -19,7 +19,8 @@ class PDLLoss(nn.Module):
     ``u`` (restored) and ``v`` (clean) are (B, 3, H, W) images in [0, 1]; ``Phi_l`` are layers of
     a frozen VGG (ImageNet-normalised inputs), ``P_l`` the fixed projections. Target features are
     computed without autograd. ``extractor_weights``: a path to a torchvision-format state dict,
-    ``"torchvision"`` (torchvision's cached ImageNet weights, never downloaded), or ``None``
+    ``"torchvision"`` (torchvision's ImageNet weights from the torch hub cache, downloaded there on
+    first use unless ``FASTLOSS_OFFLINE=1``; see ``fastloss.features.torchvision_weights``), or ``None``
     (random init, for speed tests only). ``extractor`` may also be any ``nn.Module`` mapping
     images to a dict ``{layer: features}`` (or a single tensor, for one layer).
     ``compute_dtype``: ``None`` (float32; bfloat16 inside a ``torch.autocast(dtype=torch.bfloat16)``
