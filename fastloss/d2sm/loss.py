@@ -1,13 +1,15 @@
 """``D2SMLoss``: the D2SM KL on the features of a frozen extractor, one queue per layer."""
 import math
+import warnings
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
 from .. import _checks
 from .. import _ops
 from ..features import SharedPass, extractor_module, feature_pair, float32_features
-from .ops import _check_reduction, d2sm_kl
+from .ops import _check_reduction, _kl, few_rows_message, user_stacklevel, zero_set
 from .queue import D2SMQueue, _dist_world
 
 PATCH_SCOPES = ("batch", "image")
@@ -66,6 +68,12 @@ class D2SMLoss(nn.Module):
         # the first layer's queue keeps its name (state dicts of one-layer losses are unchanged)
         self.queue = D2SMQueue(queue_size, mode, eps, backend, reduction)
         self.more_queues = nn.ModuleList(D2SMQueue(queue_size, mode, eps, backend, reduction) for _ in layers[1:])
+        # a set that gives exactly 0 warns once per loss: through its first queue (every queue sees
+        # the same rows), or here for patch_scope="image"
+        self.queue._few_rows_owner = "D2SMLoss"
+        for q in self.more_queues:
+            q._few_rows_owner = None
+        self._few_rows_warned = False
 
     @staticmethod
     def _check_layers(layer, layers, layer_weights):
@@ -183,10 +191,23 @@ class D2SMLoss(nn.Module):
         with _ops.autocast_off(next(iter(fu.values())).device):
             for name, w, queue in zip(self.layers, self.layer_weights, self.queues):
                 if self.patch_scope == "image":  # one set per image, averaged over the batch
+                    self._warn_image_sets(queue.mode, per_image)
                     u, v = fu[name].unflatten(0, (b, per_image)), fv[name].unflatten(0, (b, per_image))
-                    term = sum(d2sm_kl(u[i], v[i], mode=queue.mode, eps=queue.eps, backend=queue.backend,
-                                       reduction=self.reduction) for i in range(b)) / b
+                    term = sum(_kl(u[i], v[i], queue.mode, queue.eps, queue.backend, self.reduction)
+                               for i in range(b)) / b
                 else:
                     term = queue(fu[name], fv[name])
                 loss = loss + w * term
         return self.weight * loss
+
+    def _warn_image_sets(self, mode, per_image):
+        """patch_scope="image": each image's patches are a set; warn once if such a set is exactly 0."""
+        if self._few_rows_warned or not zero_set(mode, per_image) or torch.compiler.is_compiling():
+            return
+        self._few_rows_warned = True
+        warnings.warn(few_rows_message("D2SMLoss", mode, per_image, " (patch_scope='image': one image's patches, "
+                                       f"patch_size={self.patch_size}, patch_stride={self.patch_stride})",
+                                       "Take more patches per image (a smaller patch_stride or patch_size, or larger "
+                                       "images), or patch_scope='batch' to pool them in the queue.",
+                                       once="once per D2SMLoss module"),
+                      UserWarning, stacklevel=user_stacklevel())
