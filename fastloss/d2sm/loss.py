@@ -29,8 +29,10 @@ class D2SMLoss(nn.Module):
     the queue; ``patch_scope="image"`` takes each image's patches as their own set (the KL of
     ``d2sm_kl`` over them, no queue) and averages over the images (paper §3.3; see README).
     ``reduction``: as ``d2sm_kl``. ``extractor_weights``: a path, ``"torchvision"`` (the torch hub
-    cache, downloaded there on first use unless ``FASTLOSS_OFFLINE=1``) or ``None`` (random init). ``reset()`` empties the queues;
-    ``state_dict()`` carries them.
+    cache, downloaded there on first use unless ``FASTLOSS_OFFLINE=1``) or ``None`` (random init).
+    ``reset()`` empties the queues; ``state_dict()`` carries them. A set of fewer than 3 rows in paper
+    mode (the first call with a batch of 2; 2 patches per image with ``patch_scope="image"``) gives
+    exactly 0: that warns once per module.
     ``compute_dtype``: ``None`` (float32; bfloat16 inside a ``torch.autocast(dtype=torch.bfloat16)``
     region) or ``torch.bfloat16``: the dtype the frozen backbone runs in (channels_last on the CPU);
     the KL always runs in float32 on the features. D2SM's KL compares near-equal distributions and
