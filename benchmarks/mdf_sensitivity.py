@@ -8,7 +8,7 @@ for the shipped sets and the published ones side by side.
 
 The images are two procedural scenes drawn by scripts/make_mdf_seed.py with seeds other than the
 training seed image's (64 x 64). Writes the ``mdf-sensitivity`` section of BENCHMARKS.md.
-tests/test_mdf_sensitivity.py checks that every curve grows monotonically.
+tests/mdf/test_mdf_sensitivity.py checks that every curve grows monotonically.
 
 Then two comparisons of the shipped sets with the published ones (issue 15), on natural
 photographs that no set was trained on (96 x 96 crops of scikit-image's CC0 / public-domain
@@ -209,7 +209,7 @@ def main(argv=None):
     lines = ["## MDF: do the sets see their distortion?", "",
              "Command: `python benchmarks/mdf_sensitivity.py`. MDF loss (8 discriminators, coarsest first) between two "
              "64 x 64 procedural test images (not the training image) and their distorted copies. Each row must "
-             "grow left to right (tests/test_mdf_sensitivity.py).", ""]
+             "grow left to right (tests/mdf/test_mdf_sensitivity.py).", ""]
     for task, head, grid, curve in (("denoise", "sigma x 255", SIGMAS, denoise_curve),
                                     ("jpeg", "JPEG quality", QUALITIES, jpeg_curve)):
         lines += [f"| set \\ {head} | " + " | ".join(str(v) for v in grid) + " |",

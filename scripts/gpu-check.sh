@@ -103,7 +103,7 @@ rm -rf "$tmp"
 
 # 3. pytest in GPU mode: real kernels
 step "pytest -m gpu + device-aware Triton tests" 150 "$OUT/pytest.txt" \
-  "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_gpu.py tests/test_triton_pdl.py tests/test_d2sm_triton.py
+  "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/common/test_gpu.py tests/pdl/test_pdl_triton.py tests/d2sm/test_d2sm_triton.py
 
 # 4. op timings on the GPU and a short steps/sec run
 step "benchmarks/gpu_ops.py" 90 "$OUT/bench.txt" "$PY" benchmarks/gpu_ops.py --json "$OUT/bench.json"

@@ -15,11 +15,11 @@ req_stamp=.venv/.fastloss-req-$(sha256sum requirements-dev.txt | cut -c1-16)
 if [ ! -f "$req_stamp" ]; then
   python -m pip install -q --upgrade pip
   python -m pip install -q -r requirements-dev.txt
-  # BasicSR, for tests/test_integrations_basicsr.py only: --no-deps, since its requirements
+  # BasicSR, for tests/common/test_integrations_basicsr.py only: --no-deps, since its requirements
   # (tb-nightly, opencv, a torchvision import that current torchvision lacks) would pull a second
   # torch; the test loads just its registry. A failure here skips that test, it fails nothing else.
   python -m pip install -q --no-deps --no-build-isolation basicsr==1.4.2 \
-    || echo "setup: basicsr 1.4.2 could not be installed; tests/test_integrations_basicsr.py will skip" >&2
+    || echo "setup: basicsr 1.4.2 could not be installed; tests/common/test_integrations_basicsr.py will skip" >&2
   touch "$req_stamp"
 fi
 # FASTLOSS_DEBUG=1 (debug information in the extension) is part of the key: switching it rebuilds

@@ -42,7 +42,7 @@ class MDFLoss(nn.Module):
     reductions accumulated in float32, and the rounding is relative to each difference, not to the
     features. The loss and the gradients come back in the input's dtype. Tested against float32:
     the loss within 2e-2, input gradients in norm within 2e-2 (paper) / 6e-2 (published: LeakyReLU
-    kink noise, see tests/test_mdf_bf16.py). The ``reference`` backend given a compute dtype runs
+    kink noise, see tests/mdf/test_mdf_bf16.py). The ``reference`` backend given a compute dtype runs
     under ``torch.autocast`` in it.
 
     ``input_range``: ``(0, 1)`` (default; the discriminators were trained on images in [0, 1]) or

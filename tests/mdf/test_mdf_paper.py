@@ -14,7 +14,7 @@ import fastloss
 from fastloss import _backend
 from fastloss.mdf import ops as L
 
-from test_mdf import _backends, _images, _norm_rel, _rel, _value_and_grad, published  # noqa: F401 (fixture)
+from test_mdf_loss import _backends, _images, _norm_rel, _rel, _value_and_grad, published  # noqa: F401 (fixture)
 from test_mdf_weights import needs_official, random_set
 
 PAPER_VALUE_RTOL = 1e-4

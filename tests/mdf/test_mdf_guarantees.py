@@ -1,12 +1,9 @@
 """The README's "Guarantees" section for MDF and the VGG feature extractors: bad input, mixed
-precision, torch.compile, DDP, determinism, and thread safety of the first call (the PDL lines
-are checked in tests/test_guarantees.py, whose style this file follows)."""
+precision, torch.compile, DDP, determinism, and thread safety of the first call (the PDL lines are
+checked in tests/pdl/test_pdl_guarantees.py, whose style this file follows)."""
 import json
-import os
 import pickle
 import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
@@ -17,10 +14,10 @@ from fastloss import _backend
 from fastloss.features import VGG, layer_names, vgg16, vgg19
 from fastloss.mdf import WeightFileError, mdf_reference
 
-from conftest import assert_bitwise_identical, free_port, requires_cpu_ext
+from conftest import assert_bitwise_identical, requires_cpu_ext
+from helpers import ddp_and_one_process, first_calls_from_two_threads
 from test_mdf_weights import random_set
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_TRITON = _backend.status("triton")[0]
 requires_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton unavailable (needs TRITON_INTERPRET=1 on CPU)")
 
@@ -287,7 +284,7 @@ class _Popen:
 @pytest.mark.parametrize("payload", [_Exec, _Popen])
 @pytest.mark.parametrize("writer", ["legacy-torch.save", "pickle-protocol-4", "nested-in-a-tensor-dict"])
 def test_features_malicious_pickles_beyond_the_basic_ones(tmp_path, payload, writer):
-    # tests/test_features.py covers zip torch.save and protocol-2 pickles calling os.system / open
+    # tests/common/test_features.py covers zip torch.save and protocol-2 pickles calling os.system / open
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     if writer == "legacy-torch.save":
@@ -445,7 +442,7 @@ def _compiled_vgg_matches_eager(backend):
 
 # aot_eager: dynamo's full-graph trace and AOT autograd through the custom ops' fake kernels and
 # their backward, without inductor's C++ code generation (minutes, cold, on this 2-core CPU); the
-# inductor variants are marked slow, and tests/test_mdf.py compiles the loss alone with inductor.
+# inductor variants are marked slow, and tests/mdf/test_mdf_loss.py compiles the loss alone with inductor.
 @requires_cpu_ext
 def test_compiled_training_step_with_mdf_loss_matches_eager():
     _compiled_step_matches_eager("aot_eager")
@@ -467,64 +464,25 @@ def test_compiled_vgg_features_match_eager_inductor():
 
 
 # ============================================================================= (d) DDP
-_DDP_WORKER = textwrap.dedent("""
-    import json, os, sys, torch, torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    import fastloss
-
+_DDP_SETUP = """
     def build():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.LeakyReLU(0.1),
                                     torch.nn.Conv2d(6, 3, 3, padding=1))
         return model, fastloss.MDFLoss("jpeg", scales=3, backend="cpu")
 
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.rand(4, 3, 14, 15, generator=g), torch.rand(4, 3, 14, 15, generator=g)
-    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    model, crit = build()
-    if world == 1:  # imported by the test: the single process over the whole batch
-        loss = crit(model(x), y)
-        loss.backward()
-    else:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        ddp = DDP(model)  # kept alive until the backward: its reducer averages the gradients
-        n = x.shape[0] // world
-        loss = crit(ddp(x[rank * n:(rank + 1) * n]), y[rank * n:(rank + 1) * n])
-        loss.backward()
-        dist.barrier()  # both ranks done before either tears down (gloo aborts otherwise)
-        dist.destroy_process_group()
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump({"loss": loss.item(), "grads": [p.grad.flatten().tolist() for p in model.parameters()]}, f)
-    # gloo's threads can abort the interpreter's teardown ("terminate called without an active
-    # exception", seen in loaded suite runs): the result is written, so leave without the teardown
-    if world > 1:  # (the single-process run may be exec'd inside the test itself)
-        sys.stdout.flush(); sys.stderr.flush(); os._exit(0)
-""")
+    def data():
+        g = torch.Generator().manual_seed(1)
+        return torch.rand(4, 3, 14, 15, generator=g), torch.rand(4, 3, 14, 15, generator=g)
+
+    def result(model, loss):
+        return {"loss": loss.item(), "grads": [p.grad.flatten().tolist() for p in model.parameters()]}
+"""
 
 
 @requires_cpu_ext
 def test_ddp_gloo_two_processes_equal_single_process_over_concatenated_batch(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(_DDP_WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    single, multi = tmp_path / "single.json", tmp_path / "ddp.json"
-    port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", port, str(multi)], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    # meanwhile, the same script as one process over the whole batch, here
-    argv, threads = sys.argv, torch.get_num_threads()
-    try:
-        sys.argv = [str(script), "0", "1", "0", str(single)]
-        torch.set_num_threads(1)
-        exec(compile(_DDP_WORKER, str(script), "exec"), {"__name__": "ddp_single"})
-    finally:
-        sys.argv = argv
-        torch.set_num_threads(threads)
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-    a, b = json.loads(single.read_text()), json.loads(multi.read_text())
+    a, b = ddp_and_one_process(tmp_path, _DDP_SETUP)
     assert len(a["grads"]) == len(b["grads"]) == 4
     assert b["loss"] != pytest.approx(a["loss"], rel=1e-3)  # rank 0 saw half the batch only
     for ga, gb in zip(a["grads"], b["grads"]):
@@ -554,30 +512,24 @@ def test_mdf_cpu_runs_are_bitwise_identical(dtype, grouped):
 
 
 # ============================================================================= (f) thread safety
-_FIRST_CALL = textwrap.dedent("""
-    import json, sys, threading, torch, fastloss
+_FIRST_CALL = """
+    import sys, torch, fastloss
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 3, 12, 13, generator=g)
     y = (x + 0.1 * torch.randn(1, 3, 12, 13, generator=g)).clamp(0, 1)
     results = {}
     for backend, scales in json.loads(sys.argv[1]):
         crit = fastloss.MDFLoss("denoise", scales=scales, backend=backend)  # one criterion, its caches empty
-        out, errors = [None, None], []
-        barrier = threading.Barrier(2)
-        def work(i):
-            try:
-                barrier.wait()
-                a = x.clone().requires_grad_()
-                loss = crit(a, y)
-                loss.backward()
-                out[i] = (loss.item(), a.grad.double().sum().item(), a.grad.double().norm().item())
-            except Exception as e:
-                errors.append(repr(e))
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-        [t.start() for t in threads]; [t.join() for t in threads]
-        results[backend] = {"out": out, "errors": errors}
+
+        def work():
+            a = x.clone().requires_grad_()
+            loss = crit(a, y)
+            loss.backward()
+            return (loss.item(), a.grad.double().sum().item(), a.grad.double().norm().item())
+
+        results[backend] = two_threads(work)
     print(json.dumps(results))
-""")
+"""
 
 
 def test_mdf_first_call_from_two_threads_at_once():
@@ -585,11 +537,7 @@ def test_mdf_first_call_from_two_threads_at_once():
     # without fastloss._backend.triton_launch_guard the interpreter fails here) and fills the
     # criterion's weight caches; both backends in one subprocess, each on its first call
     runs = [(b, s) for b, s in (("cpu", 3), ("triton", 1)) if _backend.status(b)[0]]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _FIRST_CALL, json.dumps(runs)], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = first_calls_from_two_threads(_FIRST_CALL, json.dumps(runs))
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 3, 12, 13, generator=g)
     y = (x + 0.1 * torch.randn(1, 3, 12, 13, generator=g)).clamp(0, 1)

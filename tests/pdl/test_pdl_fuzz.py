@@ -2,7 +2,7 @@
 
 Hypothesis draws shapes, strides, memory formats, dtypes, value ranges (ties, huge and tiny
 magnitudes, all-equal rows, denormals), p, reduction and upstream gradients. The CI budget is
-fixed and derandomized; `pytest -m slow tests/test_fuzz_pdl.py` runs a much larger one.
+fixed and derandomized; `pytest -m slow tests/pdl/test_pdl_fuzz.py` runs a much larger one.
 A failing draw becomes a plain regression test at the bottom of this file.
 """
 import pytest

@@ -1,25 +1,15 @@
 """D2SM's Triton kernels, run on CPU tensors under TRITON_INTERPRET=1 at tiny sizes (the
 interpreter is slow), against autograd of the plain-PyTorch formula."""
 
-# tests/conftest.py sets TRITON_INTERPRET=1 before triton loads when there is no GPU (the kernels
-# then run on CPU tensors); on a GPU machine it is left unset and these tests run on CUDA tensors.
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import fastloss
+from fastloss.d2sm.reference import _kl_from_sims, d2sm_reference
 
-pytest.importorskip("triton")
+from helpers import triton_kernels
 
-import fastloss  # noqa: E402
-from fastloss.d2sm.reference import _kl_from_sims, d2sm_reference  # noqa: E402
-from fastloss.kernels import d2sm as triton_d2sm  # noqa: E402
-
-if triton_d2sm._interpreting():
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("triton kernels are compiled (TRITON_INTERPRET unset before import) and no GPU", allow_module_level=True)
-
+triton_d2sm, DEVICE = triton_kernels("d2sm")  # CPU tensors under the interpreter, CUDA ones in GPU mode
 DEVICE_AWARE = True  # runs on CUDA tensors in GPU mode (tests/conftest.py)
 
 MODES = ("paper", "pkt")

@@ -1,21 +1,11 @@
+"""PDL's Triton kernels, run on CPU tensors under TRITON_INTERPRET=1 at tiny sizes (the
+interpreter is slow), against the plain-PyTorch formula."""
+import pytest
+import torch
 
-# tests/conftest.py sets TRITON_INTERPRET=1 before triton loads when there is no GPU (the kernels
-# then run on CPU tensors); on a GPU machine it is left unset and these tests run on CUDA tensors.
+from helpers import triton_kernels
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-pytest.importorskip("triton")
-
-from fastloss.kernels import pdl  # noqa: E402
-
-if pdl._interpreting():
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("triton kernels are compiled (TRITON_INTERPRET unset before import) and no GPU", allow_module_level=True)
-
+pdl, DEVICE = triton_kernels("pdl")  # CPU tensors under the interpreter, CUDA ones in GPU mode
 DEVICE_AWARE = True  # runs on CUDA tensors in GPU mode (tests/conftest.py)
 
 ACC = {torch.float32: torch.float32, torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float64: torch.float64}

@@ -1,13 +1,8 @@
 """The README's "Guarantees" section for D2SM (d2sm_kl, D2SMQueue, D2SMLoss), line by line: bad
-input, non-finite input, mixed precision and autocast, torch.compile, determinism and thread
-safety of the first call. DDP is in tests/test_d2sm_ddp.py, parity in tests/test_fuzz_d2sm.py."""
+input, non-finite input, mixed precision and autocast, torch.compile, determinism and thread safety
+of the first call. DDP is in tests/d2sm/test_d2sm_ddp.py, parity in tests/d2sm/test_d2sm_fuzz.py."""
 import copy
-import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -18,8 +13,8 @@ from fastloss import _backend
 from fastloss.d2sm import d2sm_reference
 
 from conftest import assert_bitwise_identical, requires_cpu_ext
+from helpers import first_calls_from_two_threads
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRITON = _backend.status("triton")[0]
 # Every backend that runs CPU tensors here; triton under the interpreter at tiny sizes only.
 BACKENDS = ["cpu"] * _backend.status("cpu")[0] + ["reference"]
@@ -441,28 +436,21 @@ def test_cpu_is_bitwise_deterministic_across_runs_and_thread_counts(run, mode):
 
 
 # ----------------------------------------------------------------------------- thread safety
-_FIRST_CALL = textwrap.dedent("""
-    import json, threading, torch, fastloss
+_FIRST_CALL = """
+    import torch, fastloss
     x = torch.arange(6 * 40, dtype=torch.float32).reshape(6, 40).sin()
     y = x.flip(-1).cos()
     report = {}
     for backend in BACKENDS:  # the first call of each backend, from two threads at once
-        out, errors = [None, None], []
-        barrier = threading.Barrier(2)
-        def work(i):
-            try:
-                barrier.wait()
-                a = x.clone().requires_grad_()
-                loss = fastloss.d2sm_kl(a, y, mode="pkt", backend=backend)
-                loss.backward()
-                out[i] = (loss.item(), a.grad.sum().item())
-            except Exception as e:
-                errors.append(repr(e))
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-        [t.start() for t in threads]; [t.join() for t in threads]
-        report[backend] = {"out": out, "errors": errors}
+        def work():
+            a = x.clone().requires_grad_()
+            loss = fastloss.d2sm_kl(a, y, mode="pkt", backend=backend)
+            loss.backward()
+            return (loss.item(), a.grad.sum().item())
+
+        report[backend] = two_threads(work)
     print(json.dumps(report))
-""")
+"""
 
 
 def test_first_call_from_two_threads_at_once():
@@ -472,11 +460,7 @@ def test_first_call_from_two_threads_at_once():
     backends = [b for b in ("cpu", "triton") if b in TINY_BACKENDS]
     if not backends:
         pytest.skip("neither fastloss._C nor triton is available")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = _FIRST_CALL.replace("BACKENDS", repr(backends))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = first_calls_from_two_threads(_FIRST_CALL.replace("BACKENDS", repr(backends)))
     x = torch.arange(6 * 40, dtype=torch.float32).reshape(6, 40).sin()
     want = d2sm_reference(x, x.flip(-1).cos(), "pkt").item()
     for backend in backends:

@@ -1,6 +1,5 @@
 """fastloss-bench end to end with tiny settings, its JSON, its errors; the microbenchmarks run."""
 import json
-import os
 import subprocess
 import sys
 
@@ -10,6 +9,7 @@ import torch
 from fastloss import bench
 
 from conftest import requires_cpu_ext
+from helpers import ROOT
 
 TINY = ["--steps", "1", "--warmup", "0", "--batch-size", "1", "--crop", "16", "--width", "4", "--no-progress"]
 ROW_FIELDS = {"config", "label", "loss", "backend", "steps", "warmup_steps", "median_step_seconds", "steps_per_sec",
@@ -92,9 +92,8 @@ SMOKE_PEERS = ["test_pdl[torch.sort-formula-", "test_d2sm_kl[PKT-formula-pkt-smo
 
 
 def test_microbenchmarks_smoke_subset_runs():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-v", "-k", "smoke", "--benchmark-disable",
-                          "-p", "no:cacheprovider"], cwd=root, capture_output=True, text=True, timeout=600)
+                          "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     passed = [line for line in out.stdout.splitlines() if line.rstrip().endswith("PASSED") or " PASSED " in line]
     for name in SMOKE_TESTS + SMOKE_PEERS:

@@ -1,20 +1,14 @@
 """The README's "Guarantees" section, line by line: mixed precision, torch.compile, DDP,
 determinism, and thread safety of the first call."""
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
 import fastloss
 from fastloss.pdl import pdl_reference
 
-from conftest import assert_bitwise_identical, free_port, requires_cpu_ext
+from conftest import assert_bitwise_identical, requires_cpu_ext
+from helpers import ddp_and_one_process, first_calls_from_two_threads
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Tolerances promised in the README, relative to the float32 result on the same inputs.
 HALF_INPUT_RTOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -108,36 +102,26 @@ def test_use_deterministic_flag_and_torch_flag():
 
 
 # ----------------------------------------------------------------------------- thread safety
-_FIRST_CALL = textwrap.dedent("""
-    import json, threading, torch, fastloss
+_FIRST_CALL = """
+    import torch, fastloss
     x = torch.arange(2 * 3 * 50, dtype=torch.float32).reshape(2, 3, 50).sin()
     y = x.flip(-1).cos()
-    out, errors = [None, None], []
-    barrier = threading.Barrier(2)
-    def work(i):
-        try:
-            barrier.wait()
-            a = x.clone().requires_grad_()
-            loss = fastloss.pdl(a, y, backend=BACKEND)
-            loss.backward()
-            out[i] = (loss.item(), a.grad.sum().item())
-        except Exception as e:
-            errors.append(repr(e))
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    [t.start() for t in threads]; [t.join() for t in threads]
-    print(json.dumps({"out": out, "errors": errors}))
-""")
+
+    def work():
+        a = x.clone().requires_grad_()
+        loss = fastloss.pdl(a, y, backend=BACKEND)
+        loss.backward()
+        return (loss.item(), a.grad.sum().item())
+
+    print(json.dumps(two_threads(work)))
+"""
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_first_call_from_two_threads_at_once(backend):
     if not fastloss.backends()[backend]["available"] and backend == "cpu":
         pytest.skip("fastloss._C not built")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = _FIRST_CALL.replace("BACKEND", repr(backend))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = first_calls_from_two_threads(_FIRST_CALL.replace("BACKEND", repr(backend)))
     assert res["errors"] == []
     assert res["out"][0] == res["out"][1]
     x = torch.arange(2 * 3 * 50, dtype=torch.float32).reshape(2, 3, 50).sin()
@@ -145,11 +129,7 @@ def test_first_call_from_two_threads_at_once(backend):
 
 
 # ----------------------------------------------------------------------------- DDP
-_DDP_WORKER = textwrap.dedent("""
-    import json, os, sys, torch, torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    import fastloss
-
+_DDP_SETUP = """
     def build():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 3, padding=1))
@@ -160,46 +140,13 @@ _DDP_WORKER = textwrap.dedent("""
         g = torch.Generator().manual_seed(1)
         return torch.rand(4, 3, 16, 16, generator=g), torch.rand(4, 3, 16, 16, generator=g)
 
-    def grads(model):
+    def result(model, loss):
         return [p.grad.flatten().tolist() for p in model.parameters()]
-
-    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    x, y = data()
-    if world == 1:
-        model, crit = build()
-        crit(model(x), y).backward()
-    else:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        model, crit = build()
-        ddp = DDP(model)
-        n = x.shape[0] // world
-        crit(ddp(x[rank * n:(rank + 1) * n]), y[rank * n:(rank + 1) * n]).backward()
-        dist.barrier()  # both ranks done before either tears down (gloo aborts otherwise)
-        dist.destroy_process_group()
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(grads(model), f)
-    # gloo's threads can abort the interpreter's teardown ("terminate called without an active
-    # exception", seen in loaded suite runs): the result is written, so leave without the teardown
-    if world > 1:  # (the single-process run may be exec'd inside the test itself)
-        sys.stdout.flush(); sys.stderr.flush(); os._exit(0)
-""")
+"""
 
 
 @requires_cpu_ext
 def test_ddp_gloo_two_processes_equal_single_process_over_concatenated_batch(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(_DDP_WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    single = tmp_path / "single.json"
-    subprocess.run([sys.executable, str(script), "0", "1", "0", str(single)], check=True, env=env, cwd=ROOT, timeout=300)
-    port = str(free_port())
-    multi = tmp_path / "ddp.json"
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", port, str(multi)], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-    a, b = json.loads(single.read_text()), json.loads(multi.read_text())
+    a, b = ddp_and_one_process(tmp_path, _DDP_SETUP)
     for ga, gb in zip(a, b):
         torch.testing.assert_close(torch.tensor(gb), torch.tensor(ga), rtol=1e-5, atol=1e-7)

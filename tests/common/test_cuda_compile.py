@@ -7,26 +7,16 @@ is enough. pdl_launch.h, the interface between the two, must compile with no CUD
 """
 import re
 import shutil
-import subprocess
 import sysconfig
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CSRC = ROOT / "csrc"
-CUDA_SOURCES = sorted((CSRC / "cuda").glob("*.cu"))
-BINDING_SOURCES = sorted((CSRC / "cuda").glob("*_binding.cpp"))
+from helpers import BINDING_SOURCES, CSRC, CUDA_SOURCES, assert_launch_header_needs_no_cuda, run_compiler
+
 NVCC = shutil.which("nvcc")
 CXX = shutil.which("c++")
 
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
-
-
-def _run(cmd):
-    """Runs a compiler from the repository root; on failure the assertion shows its stderr."""
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(map(str, cmd))}\nexit {proc.returncode}\n{proc.stderr}{proc.stdout}"
 
 
 def test_sources_found():
@@ -47,8 +37,7 @@ def test_nvcc_compiles(source, tmp_path):
     on sm_90 (issue 13; benchmarks/gpu_static.py checks sm_80 as well)."""
     cmd = [NVCC, "-std=c++20", "-arch=sm_90", "-O3", "-Xptxas", "-v", "-c", source, "-o",
            tmp_path / (source.stem + ".o"), "-I", CSRC]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(map(str, cmd))}\nexit {proc.returncode}\n{proc.stderr}{proc.stdout}"
+    proc = run_compiler(cmd)
     assert spilling_kernels(proc.stderr + proc.stdout) == []
 
 
@@ -81,13 +70,8 @@ def test_binding_compiles_with_host_compiler(source):
 
     assert CXX is not None, "no host C++ compiler (c++) on PATH"
     includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
-    _run([CXX, "-std=c++20", "-fsyntax-only", "-I", CSRC, *includes, "-DTORCH_EXTENSION_NAME=_C_cuda", source])
+    run_compiler([CXX, "-std=c++20", "-fsyntax-only", "-I", CSRC, *includes, "-DTORCH_EXTENSION_NAME=_C_cuda", source])
 
 
 def test_launch_header_needs_no_cuda(tmp_path):
-    assert CXX is not None, "no host C++ compiler (c++) on PATH"
-    header = CSRC / "cuda" / "pdl_launch.h"
-    assert "#include <cuda" not in header.read_text()
-    unit = tmp_path / "launch_only.cpp"
-    unit.write_text('#include "cuda/pdl_launch.h"\nint main() { return fastloss::PdlStatus{}.ok() ? 0 : 1; }\n')
-    _run([CXX, "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-I", CSRC, unit])
+    assert_launch_header_needs_no_cuda("pdl", "PdlStatus", tmp_path)

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
 SCRIPT = os.path.join(ROOT, "scripts", "gpu-check.sh")
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")

@@ -14,7 +14,8 @@ import torch
 import fastloss
 from fastloss.mdf import weights as W
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
 # FASTLOSS_MDF_OFFICIAL points elsewhere (a worktree whose ../shared is not the project's)
 OFFICIAL = os.environ.get("FASTLOSS_MDF_OFFICIAL") or os.path.normpath(os.path.join(ROOT, "..", "shared", "mdf-official"))
 FILES = {"Ds_JPEG.pth": (32,) * 4 + (64,) * 4, "Ds_Denoising.pth": (32,) * 4 + (64,) * 4 + (128,)}

@@ -11,9 +11,9 @@ Every case is compared with the ``reference`` backend run in float64 on the same
 values: the exact loss of those inputs. The value bound is relative to the loss plus a term for
 the cancellation in ``F(pred) - F(target)`` (``_value_bound``); gradients are compared in norm,
 relative to the reference gradient, because float32 (and lower) pre-activations within rounding of
-0 can land on either side of a LeakyReLU kink (see tests/test_mdf.py's docstring).
+0 can land on either side of a LeakyReLU kink (see tests/mdf/test_mdf_loss.py's docstring).
 
-The CI budget is fixed and derandomized; ``pytest -m slow tests/test_fuzz_mdf.py`` runs a much
+The CI budget is fixed and derandomized; ``pytest -m slow tests/mdf/test_mdf_fuzz.py`` runs a much
 larger one. A failing draw becomes a plain regression test at the bottom of this file.
 """
 import math
@@ -36,7 +36,7 @@ VALUE_RTOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 5e-3, to
 # float32: one pre-activation within rounding of 0 moves the gradient of its whole receptive field, a
 # large part of an image 11 to 48 pixels a side: the float32 reference itself was 3.1e-3 off the exact
 # gradient on a drawn (2, 3, 22, 11) case (test_float32_reference_gradient_moves_at_the_kinks_on_small_images),
-# so the bound is 1e-2 here, against 2e-3 on tests/test_mdf.py's fixed cases
+# so the bound is 1e-2 here, against 2e-3 on tests/mdf/test_mdf_loss.py's fixed cases
 # float16 / bfloat16 (Triton computes the convolutions in them): see check() for the smallest images
 GRAD_NORM_RTOL = {torch.float64: 1e-9, torch.float32: 1e-2, torch.float16: 3e-2, torch.bfloat16: 1.5e-1}
 HALF_DTYPES = (torch.float16, torch.bfloat16)

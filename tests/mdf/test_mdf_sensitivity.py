@@ -9,7 +9,9 @@ import torch
 
 import fastloss
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from helpers import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import mdf_sensitivity as S  # noqa: E402
 
 from test_mdf_weights import needs_official, official  # noqa: E402

@@ -8,7 +8,7 @@ with ``formula="paper"`` and <= 5.1e-2 with ``"published"``): the loss within 2e
 gradient in norm within 2e-2 (paper) and 6e-2 (published). The published gradient is dominated
 by the tail map, which reaches the input through all five LeakyReLUs: bfloat16 moves about
 2^16 times more pre-activations across a kink than float32 does, and float32's own kink noise
-(2e-3 in norm, see test_mdf.py) times 2^8 is that 5e-2.
+(2e-3 in norm, see test_mdf_loss.py) times 2^8 is that 5e-2.
 """
 import os
 
@@ -20,11 +20,11 @@ from fastloss import _backend
 from fastloss.mdf import ops as L
 from fastloss.mdf import train
 
+from helpers import ROOT
 from test_mdf_weights import OFFICIAL, random_set
 
 LOSS_RTOL = 2e-2
 GRAD_RTOL = {"paper": 2e-2, "published": 6e-2}
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 requires_cpu = pytest.mark.skipif(not _backend.status("cpu")[0], reason="the cpu extension is not built")
 
 

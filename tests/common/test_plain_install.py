@@ -1,14 +1,14 @@
 """The README's plain install, as a new user runs it: a fresh venv that already has this torch,
 then `pip install <checkout>` with pip's build isolation. It must not change torch, and the user
 must end up with the C++ kernels (built at install time against that torch) and a working MDFLoss.
-Slow (it compiles the extension): `pytest -m slow tests/test_plain_install.py`."""
+Slow (it compiles the extension): `pytest -m slow tests/common/test_plain_install.py`."""
 import os
 import subprocess
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 @pytest.mark.slow

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "gpu_static.py"
+from helpers import ROOT
+
+SCRIPT = Path(ROOT) / "benchmarks" / "gpu_static.py"
 KEYS = ["kernel", "variant", "arch", "registers", "spill_bytes", "shared_bytes", "compile_s"]
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(SCRIPT.parent))
 
 
 def _run(tmp_path, *args, timeout):

@@ -22,7 +22,7 @@ singular). They are rare outside D = 1 and constant rows of mixed signs. With ep
 use nonnegative features: anti-parallel rows would make K exactly 0 and a log infinite, and
 rounding would decide between inf and a large finite number.
 
-The CI budget is fixed and derandomized; ``pytest -m slow tests/test_fuzz_d2sm.py`` runs a much
+The CI budget is fixed and derandomized; ``pytest -m slow tests/d2sm/test_d2sm_fuzz.py`` runs a much
 larger one. A failing draw becomes a plain regression test at the bottom of this file.
 """
 import math

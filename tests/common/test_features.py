@@ -202,21 +202,20 @@ def test_missing_file(tmp_path):
     assert str(path) in str(ei.value) and "weights" in str(ei.value)
 
 
-def test_corrupt_file(tmp_path):
-    path = tmp_path / "garbage.pth"
-    path.write_bytes(b"\x00\x01not a checkpoint\xff" * 20)
+def _garbage_is_refused_naming_the_file(path, garbage):
+    path.write_bytes(garbage)
     with pytest.raises(ValueError) as ei:
         vgg16(layers="relu1_1", weights=path)
     assert str(path) in str(ei.value)
+
+
+def test_corrupt_file(tmp_path):
+    _garbage_is_refused_naming_the_file(tmp_path / "garbage.pth", b"\x00\x01not a checkpoint\xff" * 20)
 
 
 def test_corrupt_safetensors(tmp_path):
     pytest.importorskip("safetensors")
-    path = tmp_path / "garbage.safetensors"
-    path.write_bytes(b"\xff" * 64)
-    with pytest.raises(ValueError) as ei:
-        vgg16(layers="relu1_1", weights=path)
-    assert str(path) in str(ei.value)
+    _garbage_is_refused_naming_the_file(tmp_path / "garbage.safetensors", b"\xff" * 64)
 
 
 def test_not_a_dict_of_tensors(tmp_path):

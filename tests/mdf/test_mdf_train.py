@@ -9,7 +9,8 @@ import torch
 import fastloss
 from fastloss.mdf import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
 SEED = os.path.join(ROOT, "fastloss", "mdf", "data", "seed.png")
 TINY = ["--scales", "2", "--iters", "2", "--max-size", "20", "--width", "4", "--threads", "1", "--no-progress"]
 
