@@ -12,7 +12,7 @@ import pytest
 
 from fastloss import build
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT  # noqa: E402  (the repository)
 
 
 class _FakeCppExtension:

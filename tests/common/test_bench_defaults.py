@@ -12,7 +12,7 @@ import pytest
 from fastloss.bench import cli
 from fastloss.bench.report import BAR_KINDS, bar_chart, bar_kind
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT  # noqa: E402  (the repository)
 
 
 def _fake_checkout(tmp_path):
