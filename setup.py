@@ -91,12 +91,17 @@ ext_modules, cmdclass = extensions()
 setup(
     # every package under fastloss/ (one folder per loss), plus the Triton kernels and the C++ / CUDA
     # sources, which live at the top level and install as fastloss.kernels and fastloss.csrc
-    packages=["fastloss"] + ["fastloss." + p for p in find_packages(os.path.join(ROOT, "fastloss"))] + ["fastloss.kernels", "fastloss.csrc"],
+    # The data folders (fastloss/mdf/data, csrc/cpu, csrc/cuda) are listed as packages too, without
+    # an __init__.py: setuptools warns (BuildBackendWarning) about any folder whose files are
+    # installed but that is not in `packages`.
+    packages=["fastloss"] + ["fastloss." + p for p in find_packages(os.path.join(ROOT, "fastloss"))]
+    + ["fastloss.mdf.data", "fastloss.kernels", "fastloss.csrc", "fastloss.csrc.cpu", "fastloss.csrc.cuda"],
     package_dir={"fastloss": "fastloss", "fastloss.kernels": "kernels", "fastloss.csrc": "csrc"},
     # the shipped MDF discriminator sets and the seed image they were trained on; the C++/CUDA
     # sources, which `python -m fastloss.build` compiles after a pure-Python install
-    package_data={"fastloss.mdf": ["data/*.safetensors", "data/seed.png"],
-                  "fastloss.csrc": ["cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh", "cuda/*.cpp", "cuda/*.h"]},
+    package_data={"fastloss.mdf.data": ["*.safetensors", "seed.png"],
+                  "fastloss.csrc.cpu": ["*.cpp", "*.h"],
+                  "fastloss.csrc.cuda": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -40,7 +40,7 @@ def main(argv=None):
             m(u, v).backward()
             step[b].append(time.perf_counter() - t)
             with torch.no_grad():
-                fu, fv = m._features(u0), m._features(v)
+                fu, fv = (m._rows(m.extractor(x))[m.layer] for x in (u0, v))
             fu.requires_grad_()
             t = time.perf_counter()
             m.queue(fu, fv).backward()

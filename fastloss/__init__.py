@@ -17,6 +17,7 @@ from .mdf import MDFLoss
 from .d2sm import D2SMLoss, D2SMQueue, d2sm_kl, d2sm_reference
 
 from .perceptual import PerceptualLoss
+from .combine import CombinedLoss, combine
 from .config import build_loss, _losses
 
 LOSSES = _losses()  # type name -> class, what build_loss({"type": ...}) accepts
@@ -26,4 +27,4 @@ __version__ = "0.1.0"
 __all__ = ["BACKENDS", "BackendError", "backends", "use_backend", "use_deterministic", "deterministic", "pdl", "pdl_reference", "PDLLoss",
            "d2sm_kl", "d2sm_reference", "D2SMQueue", "D2SMLoss",
            "__version__"]
-__all__ += ["mdf", "MDFLoss", "PerceptualLoss", "build_loss", "LOSSES"]
+__all__ += ["mdf", "MDFLoss", "PerceptualLoss", "build_loss", "LOSSES", "combine", "CombinedLoss"]

@@ -64,10 +64,14 @@ class RangeCheck:
     network's output, early in training above all, may stray far from it without anything wrong.
 
     Sampled on the first call only (one host read of min and max, then never again), so a GPU
-    training step pays no synchronisation after the first; skipped while torch.compile traces."""
+    training step pays no synchronisation after the first; skipped while torch.compile traces.
 
-    def __init__(self, loss, input_range=(0, 1)):
+    ``takes_input_range``: whether ``loss`` has the ``input_range`` argument (every image loss
+    does); the hint then says to pass it to that loss, else to map the images."""
+
+    def __init__(self, loss, input_range=(0, 1), takes_input_range=True):
         self.loss, self.input_range, self.done = loss, tuple(input_range), False
+        self.takes_input_range = takes_input_range
 
     def __call__(self, *images):
         if self.done or torch.compiler.is_compiling() or any(x.device.type == "meta" for x in images):
@@ -82,9 +86,11 @@ class RangeCheck:
         if lo < a - 0.1 * (b - a) or hi > b + 0.5 * (b - a):
             hint = ""
             if hi > 2.0 * max(b, 1) + 1:
-                hint = " They look like [0, 255]: divide by 255."
+                hint = (" They look like [0, 255]: divide by 255." if self.input_range == (0, 1) else
+                        " They look like [0, 255]: pass x / 127.5 - 1.")
             elif self.input_range == (0, 1) and lo < -0.1:
-                hint = " They look like [-1, 1]: pass input_range=(-1, 1) where the loss takes it, or map x to (x + 1) / 2."
+                hint = (f" They look like [-1, 1]: build the loss as {self.loss}(..., input_range=(-1, 1)), or pass "
+                        "(x + 1) / 2." if self.takes_input_range else " They look like [-1, 1]: pass (x + 1) / 2.")
             warnings.warn(f"{self.loss}: images range over [{lo:.3g}, {hi:.3g}], clearly outside the expected "
                           f"[{a}, {b}]; the loss is computed as if they were in [{a}, {b}].{hint} "
                           "(Checked on the first call only; this warning is shown once per loss.)",

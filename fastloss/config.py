@@ -16,11 +16,24 @@ def _losses():
 
 def build_loss(cfg):
     """The loss ``cfg["type"]`` built with the other keys as keyword arguments; ``ValueError``
-    listing the valid types or keys for anything unknown."""
+    listing the valid types or keys for anything unknown. A list of such dicts (or
+    ``{"type": "CombinedLoss", "losses": [...]}``) builds ``fastloss.combine`` of them: one backbone
+    pass per distinct extractor."""
     from . import LOSSES
+    from .combine import combine
 
+    if isinstance(cfg, (list, tuple)):
+        if not cfg:
+            raise ValueError("build_loss: an empty list of loss configs; give at least one")
+        return combine(*(build_loss(c) for c in cfg))
+    if isinstance(cfg, dict) and cfg.get("type") == "CombinedLoss":
+        unknown = sorted(set(cfg) - {"type", "losses"})
+        if unknown or not isinstance(cfg.get("losses"), (list, tuple)):
+            raise ValueError(f"build_loss: CombinedLoss takes one key, 'losses' (a list of loss configs), got {cfg!r}")
+        return build_loss(list(cfg["losses"]))
     if not isinstance(cfg, dict) or "type" not in cfg:
-        raise ValueError(f"build_loss: cfg must be a dict with a 'type' key (one of {sorted(LOSSES)}), got {cfg!r}")
+        raise ValueError(f"build_loss: cfg must be a dict with a 'type' key (one of {sorted(LOSSES) + ['CombinedLoss']}) "
+                         f"or a list of such dicts, got {cfg!r}")
     kw = dict(cfg)
     name = kw.pop("type")
     if name not in LOSSES:

@@ -1,4 +1,5 @@
 """``python -m fastloss.info``: what was built, what can run here, and why. Paste it into bug reports."""
+import os
 import platform
 import shutil
 import subprocess
@@ -46,6 +47,26 @@ def report():
     for name, info in _backend.backends().items():
         lines.append(f"  {name:<10} {'yes' if info['available'] else 'no ':<4} {info['reason']}")
     lines.append("auto order: " + "; ".join(f"{dev}: {' -> '.join(order)}" for dev, order in _backend.AUTO_ORDER.items()))
+    lines += ["", *weights_report()]
+    return lines
+
+
+def weights_report():
+    """Where each extractor's weights come from: the VGGs' ``extractor_weights="torchvision"`` file
+    (cache path, there or not, downloaded on first use or not), and MDF's shipped sets."""
+    from fastloss import features, mdf
+
+    off = features.offline()
+    lines = ["extractor weights (extractor_weights='torchvision': torchvision's ImageNet files in the torch hub cache, "
+             + (f"{features.OFFLINE_ENV} is set: never downloaded)" if off else
+                f"downloaded on first use; {features.OFFLINE_ENV}=1 forbids it)")]
+    for arch in sorted(features.TORCHVISION_URLS):
+        src = features.torchvision_weights(arch)
+        state = ("present" if src["present"] else
+                 "missing, offline: building the loss will raise" if off else "missing: downloaded on first use")
+        lines.append(f"  {arch:<10} {src['path']} ({state}) <- {src['url']}")
+    lines.append(f"  {'mdf':<10} shipped sets {', '.join(mdf.SHIPPED)} in {os.path.dirname(mdf.shipped_path(mdf.SHIPPED[0]))} "
+                 "(in the package; nothing is downloaded)")
     return lines
 
 

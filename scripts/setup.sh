@@ -2,7 +2,8 @@
 # Create ./.venv (once), install the dev requirements, and build fastloss's C++ extension in
 # place with `pip install -e . --no-build-isolation` (so the torch already installed is the
 # one compiled against; FASTLOSS_REQUIRE_EXT=1 makes a failed C++ build fail here, loudly).
-# Rebuilds only when csrc/, setup.py, pyproject.toml or fastloss/build.py changed since the last build.
+# Rebuilds only when csrc/, setup.py, pyproject.toml, fastloss/build.py or FASTLOSS_DEBUG changed
+# since the last build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -21,7 +22,8 @@ if [ ! -f "$req_stamp" ]; then
     || echo "setup: basicsr 1.4.2 could not be installed; tests/common/test_integrations_basicsr.py will skip" >&2
   touch "$req_stamp"
 fi
-src_hash=$(cat setup.py pyproject.toml fastloss/build.py $(find csrc -type f | sort) | sha256sum | cut -c1-16)
+# FASTLOSS_DEBUG=1 (debug information in the extension) is part of the key: switching it rebuilds
+src_hash=$( { cat setup.py pyproject.toml fastloss/build.py $(find csrc -type f | sort); echo "FASTLOSS_DEBUG=${FASTLOSS_DEBUG:-0}"; } | sha256sum | cut -c1-16)
 if [ "$(cat .venv/.fastloss-build 2>/dev/null || true)" != "$src_hash" ] || ! python -c "import torch, fastloss._C" 2>/dev/null; then
   echo "building fastloss (C++ CPU extension)..." >&2
   FASTLOSS_REQUIRE_EXT=1 python -m pip install -q -e . --no-build-isolation --no-deps

@@ -9,6 +9,10 @@ GPU_MODE = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Tests never reach the internet: extractor_weights="torchvision" with no file in the hub cache
+# raises instead of downloading (tests/common/test_weights_download.py unsets it against a local server).
+os.environ["FASTLOSS_OFFLINE"] = "1"
+
 import pytest  # noqa: E402
 
 import fastloss  # noqa: E402

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from .demo import run_demo
+from .demo import run_demo, run_precision_check
 from .model import CONFIGS, PERCEPTUAL_LAYERS, make_image
 from .report import MARKDOWN_SECTIONS, NO_MATPLOTLIB, bar_chart, format_table, markdown_report, \
     pdl_paper_report, write_markdown_section
@@ -75,10 +75,14 @@ def parse_args(argv):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="fastloss-bench-out", help="output folder (default ./fastloss-bench-out)")
     ap.add_argument("--vgg-weights", default=None,
-                    help="torchvision-format VGG16/19 state dict, or 'torchvision' (local cache); default random")
+                    help="torchvision-format VGG16/19 state dict, or 'torchvision' (the torch hub cache, downloaded on first use); default random")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--demo", action="store_true", help="train with L1 and L1 + PDL and save side-by-side PNGs")
-    ap.add_argument("--demo-steps", type=_positive_int, default=300, help="training steps per model in --demo (default 300)")
+    ap.add_argument("--demo-steps", type=_positive_int, default=300,
+                    help="training steps per model in --demo and --precision-check (default 300)")
+    ap.add_argument("--precision-check", action="store_true",
+                    help="train the denoiser with PDL on a float32 and on a bfloat16 backbone from one seed and "
+                         "print the PSNR each reaches on held-out crops")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--markdown", default=None, metavar="FILE",
                     help="also write the table, the command, the machine and the chart into FILE "
@@ -118,6 +122,11 @@ def main(argv=None):
     image = make_image()
     weights_note = ("VGG weights: random (speed runs only; the cost of a step does not depend on them)"
                     if args.vgg_weights is None else f"VGG weights: {args.vgg_weights}")
+    if args.precision_check:
+        result = run_precision_check(args, image)
+        with open(os.path.join(args.out, "precision.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        return 0
     if args.demo:
         run_demo(args, image)
         return 0

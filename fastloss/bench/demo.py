@@ -1,5 +1,7 @@
 """``fastloss-bench --demo``: trains the denoiser with L1 and with L1 + PDL and saves side-by-side
-PNGs (noisy | L1 | L1 + PDL | clean) with each image's PSNR."""
+PNGs (noisy | L1 | L1 + PDL | clean) with each image's PSNR. ``--precision-check``: the same
+fixed-seed training with PDL on a float32 backbone and on a bfloat16 one, and the PSNR each model
+reaches on held-out crops."""
 import math
 import os
 
@@ -11,6 +13,43 @@ from .report import NO_MATPLOTLIB
 from .run import _progress, train_steps
 
 
+def _train(name, args, image):
+    torch.manual_seed(args.seed)
+    kind = CONFIGS[name][2]
+    backend = _fast(args.device) if kind == "fast" else "reference"
+    criterion = CONFIGS[name][3](backend, args).to(args.device)
+    model = DnCNN(width=args.width).to(args.device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(args.seed)
+    bar = _progress(args.demo_steps, f"train {name}", not args.no_progress)
+    train_steps(model, criterion, opt, image, args, args.demo_steps, gen, bar)
+    bar.close()
+    return model.eval()
+
+
+def psnr(out, clean):
+    """Mean PSNR (dB) over the batch of images in [0, 1]."""
+    mse = ((out.clamp(0, 1) - clean) ** 2).flatten(1).mean(1).clamp_min(1e-12)
+    return float((-10 * torch.log10(mse)).mean())
+
+
+def run_precision_check(args, image, crops=16):
+    """Train the denoiser from one seed with L1 + PDL on a float32 backbone (``pdl-fast``) and on a
+    bfloat16 one (``pdl-bf16``); return both models' PSNR on ``crops`` held-out crops."""
+    gen = torch.Generator().manual_seed(args.seed + 1)  # crops the training never drew
+    noisy, clean = random_batch(image, crops, max(args.crop, 64), args.sigma / 255, gen)
+    result = {"steps": args.demo_steps, "crops": crops}
+    for name in ("pdl-fast", "pdl-bf16"):
+        model = _train(name, args, image)
+        with torch.no_grad():
+            result[name] = psnr(model(noisy.to(args.device)).cpu(), clean)
+    result["difference_db"] = result["pdl-bf16"] - result["pdl-fast"]
+    print(f"precision check: {args.demo_steps} training steps from seed {args.seed}, PSNR on {crops} held-out "
+          f"crops: float32 backbone {result['pdl-fast']:.3f} dB, bfloat16 backbone {result['pdl-bf16']:.3f} dB "
+          f"(difference {result['difference_db']:+.3f} dB)")
+    return result
+
+
 def run_demo(args, image):
     try:
         import matplotlib
@@ -20,18 +59,7 @@ def run_demo(args, image):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = {}
-    for name in ("l1", "pdl-fast"):
-        torch.manual_seed(args.seed)
-        backend = _fast(args.device) if name == "pdl-fast" else None
-        criterion = CONFIGS[name][3](backend or "reference", args).to(args.device)
-        model = DnCNN(width=args.width).to(args.device)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        gen = torch.Generator().manual_seed(args.seed)
-        bar = _progress(args.demo_steps, f"demo {name}", not args.no_progress)
-        train_steps(model, criterion, opt, image, args, args.demo_steps, gen, bar)
-        bar.close()
-        results[name] = model.eval()
+    results = {name: _train(name, args, image) for name in ("l1", "pdl-fast")}
     gen = torch.Generator().manual_seed(args.seed + 1)
     noisy, clean = random_batch(image, 3, max(args.crop, 64), args.sigma / 255, gen)
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """What fastloss-bench trains and on what: the generated image and its noisy crops, the DnCNN-style
 denoiser, and the loss configurations (``CONFIGS``) with the fast backend a ``-fast`` one runs on."""
+import contextlib
 import torch
 import torch.nn as nn
 
@@ -63,20 +64,37 @@ class DnCNN(nn.Module):
 
 # ----------------------------------------------------------------------------- loss configurations
 class VGGPerceptual(nn.Module):
-    """The PDL paper's baseline: L1 + weight * sum_l mean|Phi_l(u) - Phi_l(v)| on VGG16 features."""
+    """The hand-written baseline, as users write it today (BasicSR's VGG feature extractor + L1):
+    L1 + weight * sum_l mean|Phi_l(u) - Phi_l(v)| on VGG16 features, the torchvision-layout
+    ``nn.Sequential`` run as it is (float32, NCHW), one pass per loss; ``autocast=True`` runs the
+    same code under ``torch.autocast(bfloat16)``, as a user turns mixed precision on by hand."""
 
-    def __init__(self, layers, weight, vgg_weights):
+    def __init__(self, layers, weight, vgg_weights, autocast=False):
         super().__init__()
         from ..features import VGG
 
-        self.vgg = VGG("vgg16", layers=layers, weights=vgg_weights)
-        self.layers, self.weight = layers, weight
+        vgg = VGG("vgg16", layers=layers, weights=vgg_weights)  # the weights and the layer indices
+        self.features, self.out_index = vgg.features, dict(vgg._out_index)
+        self.register_buffer("mean", vgg.mean, persistent=False)
+        self.register_buffer("std", vgg.std, persistent=False)
+        self.layers, self.weight, self.autocast = layers, weight, autocast
+
+    def _run(self, x):
+        x = (x - self.mean) / self.std
+        out = {}
+        for i, module in enumerate(self.features):
+            x = module(x)
+            if i in self.out_index:
+                out[self.out_index[i]] = x
+        return out
 
     def forward(self, u, v):
-        fu = self.vgg(u)
-        with torch.no_grad():
-            fv = self.vgg(v)
-        return (u - v).abs().mean() + self.weight * sum((fu[k] - fv[k]).abs().mean() for k in self.layers)
+        ctx = torch.autocast(u.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with ctx:
+            fu = self._run(u)
+            with torch.no_grad():
+                fv = self._run(v)
+            return (u - v).abs().mean() + self.weight * sum((fu[k] - fv[k]).abs().mean() for k in self.layers)
 
 
 class _L1Plus(nn.Module):
@@ -101,9 +119,30 @@ def _layers(args):
     return tuple(getattr(args, "layers", None) or PERCEPTUAL_LAYERS)
 
 
-def _pdl(backend, args):
+def _pdl(backend, args, compute_dtype=None):
     return fastloss.PDLLoss(layers=_layers(args), weight=0.01, pixel_weight=1.0,
-                            extractor_weights=args.vgg_weights, backend=backend)
+                            extractor_weights=args.vgg_weights, backend=backend, compute_dtype=compute_dtype)
+
+
+def _perceptual_and_pdl(backend, args, compute_dtype=None, combined=False):
+    """L1 + L1-perceptual + PDL on VGG16: fastloss's two modules added (two backbone passes), or
+    ``fastloss.combine`` of them (one pass); the pixel term once."""
+    torch.manual_seed(args.seed)
+    perceptual = fastloss.PerceptualLoss(layers=_layers(args), weight=0.01, pixel_weight=1.0,
+                                         extractor_weights=args.vgg_weights, compute_dtype=compute_dtype)
+    pdl = fastloss.PDLLoss(layers=_layers(args), weight=0.01, pixel_weight=0.0, extractor_weights=args.vgg_weights,
+                           backend=backend, compute_dtype=compute_dtype)
+    pdl.extractor.load_state_dict(perceptual.vgg.state_dict())  # random weights (None): the same draw
+    return fastloss.combine(perceptual, pdl) if combined else _Sum(perceptual, pdl)
+
+
+class _Sum(nn.Module):
+    def __init__(self, *losses):
+        super().__init__()
+        self.losses = nn.ModuleList(losses)
+
+    def forward(self, u, v):
+        return sum(loss(u, v) for loss in self.losses)
 
 
 def _d2sm(backend, args):
@@ -125,8 +164,18 @@ CONFIGS = {
     "l1": ("L1 (pixel only)", "l1", None, lambda b, a: _L1Plus(lambda u, v: u.new_zeros(()))),
     "vgg": ("L1 + VGG16 L1-perceptual", "vgg", None,
             lambda b, a: VGGPerceptual(_layers(a), 0.01, a.vgg_weights)),
+    "vgg-autocast": ("L1 + VGG16 L1-perceptual, autocast bf16 by hand", "vgg", None,
+                     lambda b, a: VGGPerceptual(_layers(a), 0.01, a.vgg_weights, autocast=True)),
     "pdl-ref": ("L1 + PDL (reference)", "pdl", "reference", _pdl),
     "pdl-fast": ("L1 + PDL (fast)", "pdl", "fast", _pdl),
+    "pdl-bf16": ("L1 + PDL (fast, bf16 backbone)", "pdl", "fast", lambda b, a: _pdl(b, a, torch.bfloat16)),
+    "perc+pdl": ("L1 + perceptual + PDL, two modules", "combined", "fast", _perceptual_and_pdl),
+    "combined": ("L1 + perceptual + PDL, combine()", "combined", "fast",
+                 lambda b, a: _perceptual_and_pdl(b, a, combined=True)),
+    "perc+pdl-bf16": ("L1 + perceptual + PDL, two modules, bf16", "combined", "fast",
+                      lambda b, a: _perceptual_and_pdl(b, a, torch.bfloat16)),
+    "combined-bf16": ("L1 + perceptual + PDL, combine(), bf16", "combined", "fast",
+                      lambda b, a: _perceptual_and_pdl(b, a, torch.bfloat16, combined=True)),
     "d2sm-ref": ("L1 + D2SM (reference)", "d2sm", "reference", _d2sm),
     "d2sm-fast": ("L1 + D2SM (fast)", "d2sm", "fast", _d2sm),
     "mdf-ref": ("L1 + MDF (reference)", "mdf", "reference", _mdf),

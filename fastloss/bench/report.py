@@ -5,40 +5,81 @@ import os
 from .model import CONFIGS
 
 
+def _flags(m):
+    """The CPU's bfloat16-relevant flags, for the header (``run.cpu_flags``)."""
+    f = m.get("cpu_flags") or {}
+    if not f:
+        return ""
+    return f"; flags: {' '.join(f.get('flags') or ['no avx512 / amx'])}, torch CPU capability {f.get('torch_cpu_capability')}"
+
+
 def format_table(rows, skipped):
-    head = f"{'configuration':<28} {'backend':<10} {'steps/s':>8} {'vs L1':>7} {'vs VGG':>7} {'fast/ref':>9}"
+    w = max([28] + [len(r["label"]) for r in rows])
+    head = (f"{'configuration':<{w}} {'backend':<10} {'steps/s':>8} {'vs L1':>7} {'vs VGG':>7} {'vs VGG ac':>9} "
+            f"{'fast/ref':>9} {'vs added':>9}")
     lines = [head, "-" * len(head)]
     fmt = lambda v, suffix="": "-" if v is None else f"{v:.2f}{suffix}"  # noqa: E731
     for r in rows:
-        lines.append(f"{r['label']:<28} {r['backend']:<10} {r['steps_per_sec']:>8.2f} {fmt(r['relative_to_pixel']):>7} "
-                     f"{fmt(r['relative_to_vgg']):>7} {fmt(r['speedup_vs_reference'], 'x'):>9}")
+        lines.append(f"{r['label']:<{w}} {r['backend']:<10} {r['steps_per_sec']:>8.2f} {fmt(r['relative_to_pixel']):>7} "
+                     f"{fmt(r['relative_to_vgg']):>7} {fmt(r.get('relative_to_vgg_autocast')):>9} "
+                     f"{fmt(r['speedup_vs_reference'], 'x'):>9} {fmt(r.get('speedup_vs_added'), 'x'):>9}")
     for name, why in skipped.items():
-        lines.append(f"{CONFIGS[name][0]:<28} skipped: {why}")
+        lines.append(f"{CONFIGS[name][0]:<{w}} skipped: {why}")
     return "\n".join(lines)
 
 
 NO_MATPLOTLIB = "matplotlib is not installed; `pip install 'fastloss[bench]'` (or `pip install matplotlib`) adds the chart"
 
 
+# What a bar's colour says: no fastloss loss (the pixel and hand-written VGG baselines), a fastloss
+# loss on its reference backend (plain PyTorch), or on its fast backend (fused kernels).
+BAR_KINDS = {
+    "baseline": ("#8c8c8c", "baseline (no fastloss loss)"),
+    "reference": ("#4c72b0", "fastloss, reference backend"),
+    "fast": ("#dd8452", "fastloss, fast backend"),
+}
+
+
+def bar_kind(backend):
+    """The BAR_KINDS key of a result row's ``backend`` ("-", "reference", or a fast backend's name)."""
+    return "baseline" if backend in ("-", None) else "reference" if backend == "reference" else "fast"
+
+
 def bar_chart(rows, path, title):
+    """The steps/sec chart of ``rows`` as a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = chart_figure(rows, title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def chart_figure(rows, title):
+    """The chart: one bar per row, relative to pixel-only, coloured by BAR_KINDS, with a legend
+    naming the kinds drawn (the fast backend's name beside it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 2.0))
     labels = [r["label"] for r in rows][::-1]
     vals = [r["relative_to_pixel"] or 0 for r in rows][::-1]
-    colours = ["#4c72b0" if r["backend"] in ("-", "reference") else "#dd8452" for r in rows][::-1]
-    ax.barh(labels, vals, color=colours)
+    kinds = [bar_kind(r["backend"]) for r in rows][::-1]
+    ax.barh(labels, vals, color=[BAR_KINDS[k][0] for k in kinds])
     for y, v in enumerate(vals):
         ax.text(v, y, f" {v:.2f}", va="center")
     ax.set_xlabel("training steps/sec relative to pixel L1 only (higher is faster)")
     ax.set_title(title, fontsize=9)
     ax.set_xlim(0, max(vals + [1.0]) * 1.15)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fast = sorted({r["backend"] for r in rows if bar_kind(r["backend"]) == "fast"})
+    shown = [k for k in BAR_KINDS if k in kinds]  # the legend lists the kinds of bar drawn
+    handles = [Patch(color=BAR_KINDS[k][0], label=BAR_KINDS[k][1] + (f" ({', '.join(fast)})" if k == "fast" else ""))
+               for k in shown]
+    fig.legend(handles=handles, loc="lower center", ncol=len(shown), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.35 / fig.get_figheight(), 1, 1))  # room for the legend below
+    return fig
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -65,7 +106,7 @@ def markdown_report(result, table, png_path, md_path):
         "",
         f"Command (from the repository root): `{result['command']}`",
         "",
-        f"- CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs, torch threads {m['torch_threads']})"
+        f"- CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs, torch threads {m['torch_threads']}{_flags(m)})"
         + (f", GPU: {m['gpu']}" if m.get("gpu") else ""),
         f"- torch {m['torch']}, triton {m['triton']}, python {m['python']}, fastloss {m['fastloss']}",
         f"- device {m['device']}, fast backend `{m['fast_backend']}`; backends available: "
@@ -109,7 +150,7 @@ def pdl_paper_report(result, table):
         "",
         f"Command (from the repository root): `{result['command']}`",
         "",
-        f"- CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs, torch threads {m['torch_threads']})"
+        f"- CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs, torch threads {m['torch_threads']}{_flags(m)})"
         + (f", GPU: {m['gpu']}" if m.get("gpu") else ""),
         f"- load average (1 / 5 / 15 min, as `uptime` prints it) before the run {fmt_load(load.get('before'))}, "
         f"after {fmt_load(load.get('after'))}",

@@ -119,8 +119,24 @@ def triton_version():
     return triton.__version__
 
 
+def cpu_flags():
+    """The CPU's bfloat16 / AMX / AVX-512 flags (``/proc/cpuinfo``) and torch's CPU capability:
+    what decides how fast a bfloat16 backbone runs here."""
+    wanted = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:
+        capability = None
+    return {"flags": [w for w in wanted if w in flags], "torch_cpu_capability": capability}
+
+
 def machine_details(args):
-    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "triton": triton_version(), "python": platform.python_version(),
             "fastloss": fastloss.__version__, "device": args.device,
             "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
@@ -138,7 +154,15 @@ def add_ratios(rows):
         r["relative_to_vgg"] = r["steps_per_sec"] / vgg if vgg else None
         ref = by_name.get(r["config"].replace("-fast", "-ref")) if r["config"].endswith("-fast") else None
         r["speedup_vs_reference"] = r["steps_per_sec"] / ref["steps_per_sec"] if ref else None
+        hand = by_name.get("vgg-autocast")
+        r["relative_to_vgg_autocast"] = r["steps_per_sec"] / hand["steps_per_sec"] if hand else None
+        added = by_name.get(COMBINED_VS_ADDED.get(r["config"], ""))
+        r["speedup_vs_added"] = r["steps_per_sec"] / added["steps_per_sec"] if added else None
     return rows
+
+
+# a combine() row -> the row of the same losses added as separate modules, at the same precision
+COMBINED_VS_ADDED = {"combined": "perc+pdl", "combined-bf16": "perc+pdl-bf16"}
 
 
 

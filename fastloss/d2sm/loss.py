@@ -1,13 +1,15 @@
 """``D2SMLoss``: the D2SM KL on the features of a frozen extractor, one queue per layer."""
 import math
+import warnings
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from .. import _checks
-from ..features import extractor_module
-from .ops import _check_reduction, d2sm_kl
+from .. import _ops
+from ..features import SharedPass, extractor_module, feature_pair, float32_features
+from .ops import _check_reduction, _kl, few_rows_message, user_stacklevel, zero_set
 from .queue import D2SMQueue, _dist_world
 
 PATCH_SCOPES = ("batch", "image")
@@ -26,15 +28,22 @@ class D2SMLoss(nn.Module):
     and the patches are the samples: ``patch_scope="batch"`` pools the patches of the batch into
     the queue; ``patch_scope="image"`` takes each image's patches as their own set (the KL of
     ``d2sm_kl`` over them, no queue) and averages over the images (paper §3.3; see README).
-    ``reduction``: as ``d2sm_kl``. ``extractor_weights``: a path, ``"torchvision"`` (the local
-    torch hub cache, never downloaded) or ``None`` (random init). ``reset()`` empties the queues;
-    ``state_dict()`` carries them.
+    ``reduction``: as ``d2sm_kl``. ``extractor_weights``: a path, ``"torchvision"`` (the torch hub
+    cache, downloaded there on first use unless ``FASTLOSS_OFFLINE=1``) or ``None`` (random init).
+    ``reset()`` empties the queues; ``state_dict()`` carries them. A set of fewer than 3 rows in paper
+    mode (the first call with a batch of 2; 2 patches per image with ``patch_scope="image"``) gives
+    exactly 0: that warns once per module.
+    ``compute_dtype``: ``None`` (float32; bfloat16 inside a ``torch.autocast(dtype=torch.bfloat16)``
+    region) or ``torch.bfloat16``: the dtype the frozen backbone runs in (channels_last on the CPU);
+    the KL always runs in float32 on the features. D2SM's KL compares near-equal distributions and
+    moves by percents in bfloat16 (README, "Fast steps"): keep ``None`` where the value matters.
     """
 
     def __init__(self, extractor="vgg19", layer: str = "conv5_4", queue_size: int = 256, mode: str = "paper",
                  internal_patches: bool = False, patch_size: int = 224, patch_stride: int = 56, weight: float = 1.0,
                  extractor_weights="torchvision", eps: float = 1e-6, backend: str = "auto", reduction: str = "mean",
-                 layers=None, layer_weights=None, patch_scope: str = "batch", input_range=(0, 1)):
+                 layers=None, layer_weights=None, patch_scope: str = "batch", input_range=(0, 1),
+                 compute_dtype=None):
         super().__init__()
         self.input_range = _checks.check_input_range("D2SMLoss", input_range)
         self._range_check = _checks.RangeCheck("D2SMLoss", self.input_range)
@@ -56,10 +65,17 @@ class D2SMLoss(nn.Module):
         self.layer, self.internal_patches, self.patch_scope = layers[0], bool(internal_patches), patch_scope
         self.patch_size, self.patch_stride, self.weight = patch_size, patch_stride, float(weight)
         self.reduction = reduction
-        self.extractor = extractor_module("D2SMLoss", extractor, layers, extractor_weights)
+        self.extractor = extractor_module("D2SMLoss", extractor, layers, extractor_weights, compute_dtype)
+        self.compute_dtype = compute_dtype
         # the first layer's queue keeps its name (state dicts of one-layer losses are unchanged)
         self.queue = D2SMQueue(queue_size, mode, eps, backend, reduction)
         self.more_queues = nn.ModuleList(D2SMQueue(queue_size, mode, eps, backend, reduction) for _ in layers[1:])
+        # a set that gives exactly 0 warns once per loss: through its first queue (every queue sees
+        # the same rows), or here for patch_scope="image"
+        self.queue._few_rows_owner = "D2SMLoss"
+        for q in self.more_queues:
+            q._few_rows_owner = None
+        self._few_rows_warned = False
 
     @staticmethod
     def _check_layers(layer, layers, layer_weights):
@@ -101,13 +117,8 @@ class D2SMLoss(nn.Module):
         p = x.unfold(2, ps, st).unfold(3, ps, st)  # [B, C, nH, nW, ps, ps]
         return p.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1], ps, ps)
 
-    def _features(self, x):
-        """[R, D] rows of the first layer, one per sample."""
-        return self._layer_features(x)[self.layer]
-
-    def _layer_features(self, x):
-        """{layer: [R, D]} rows, one per sample."""
-        out = self.extractor(x)
+    def _rows(self, out):
+        """The extractor's output as {layer: [R, D]} rows, one per sample."""
         if isinstance(out, dict):
             missing = [name for name in self.layers if name not in out]
             if missing:
@@ -135,22 +146,32 @@ class D2SMLoss(nn.Module):
         raise ValueError(f"D2SMLoss: queue_size={self.queue.queue_size} is smaller than the batch ({what}): this "
                          f"setting needs queue_size >= {rows}{alt}")
 
-    def forward(self, restored: Tensor, clean: Tensor) -> Tensor:
+    pixel_weight = 0.0  # D2SM has no pixel term
+
+    def prepare(self, restored: Tensor, clean: Tensor):
+        """The input checks, then both images mapped to [0, 1] (``input_range``)."""
         builtin = type(self.extractor).__module__ == "fastloss.features"
         for name, t in (("restored", restored), ("clean", clean)):
             _checks.check_image("D2SMLoss", name, t, rgb=builtin)
-        if restored.shape != clean.shape:
-            raise ValueError(f"D2SMLoss: restored and clean shapes differ: {tuple(restored.shape)} vs "
-                             f"{tuple(clean.shape)}")
-        if restored.dtype != clean.dtype:
-            raise TypeError(f"D2SMLoss: restored and clean dtypes differ: {restored.dtype} vs {clean.dtype}")
-        if restored.device != clean.device:
-            raise ValueError(f"D2SMLoss: restored and clean are on different devices: {restored.device} vs "
-                             f"{clean.device}")
-        if restored.numel() == 0:
-            raise ValueError(f"D2SMLoss: restored is empty, shape {tuple(restored.shape)}")
+        _ops.check_pair("D2SMLoss", restored, clean, ("restored", "clean"))
         self._range_check(clean)  # the data convention; an untrained network's output strays from it
-        restored, clean = _checks.to_unit_range(restored, self.input_range), _checks.to_unit_range(clean, self.input_range)
+        return _checks.to_unit_range(restored, self.input_range), _checks.to_unit_range(clean, self.input_range)
+
+    # what fastloss.combine() shares: one extractor pass for the union of the layers (not over
+    # internal patches, which are other images)
+    def shared_pass(self):
+        if self.internal_patches:
+            return None
+        return SharedPass(self.extractor, self.layers, self.input_range, self.compute_dtype)
+
+    def terms_from_features(self, restored, clean, fu, fv):
+        """The loss from ``{layer: features}`` of both images (no internal patches)."""
+        b = restored.shape[0]
+        self._check_set_size(b, 1, tuple(restored.shape[-2:]))
+        return self.feature_terms(self._rows(fu), self._rows(fv), b)
+
+    def forward(self, restored: Tensor, clean: Tensor) -> Tensor:
+        restored, clean = self.prepare(restored, clean)
         b, hw = restored.shape[0], tuple(restored.shape[-2:])
         if self.internal_patches:
             restored, clean = self.patches(restored), self.patches(clean)
@@ -160,16 +181,35 @@ class D2SMLoss(nn.Module):
                              f"(patch_size={self.patch_size}, patch_stride={self.patch_stride} on {hw[0]} x {hw[1]} "
                              f"images)")
         self._check_set_size(b, per_image, hw)
-        fu = self._layer_features(restored)
-        with torch.no_grad():
-            fv = self._layer_features(clean)
+        fu, fv = feature_pair(self.extractor, restored, clean, self.compute_dtype)
+        return self.feature_terms(self._rows(fu), self._rows(fv), b, per_image)
+
+    def feature_terms(self, fu, fv, b, per_image=1):
+        """``weight * sum_l w_l * KL_l`` from the rows {layer: [b * per_image, D]}: each layer's queue
+        (or, with ``patch_scope="image"``, each image's set); in float32 (rows computed in bfloat16
+        are upcast first) with autocast off."""
+        fu, fv = float32_features(fu), float32_features(fv)
         loss = 0.0
-        for name, w, queue in zip(self.layers, self.layer_weights, self.queues):
-            if self.patch_scope == "image":  # one set per image, averaged over the batch
-                u, v = fu[name].unflatten(0, (b, per_image)), fv[name].unflatten(0, (b, per_image))
-                term = sum(d2sm_kl(u[i], v[i], mode=queue.mode, eps=queue.eps, backend=queue.backend,
-                                   reduction=self.reduction) for i in range(b)) / b
-            else:
-                term = queue(fu[name], fv[name])
-            loss = loss + w * term
+        with _ops.autocast_off(next(iter(fu.values())).device):
+            for name, w, queue in zip(self.layers, self.layer_weights, self.queues):
+                if self.patch_scope == "image":  # one set per image, averaged over the batch
+                    self._warn_image_sets(queue.mode, per_image)
+                    u, v = fu[name].unflatten(0, (b, per_image)), fv[name].unflatten(0, (b, per_image))
+                    term = sum(_kl(u[i], v[i], queue.mode, queue.eps, queue.backend, self.reduction)
+                               for i in range(b)) / b
+                else:
+                    term = queue(fu[name], fv[name])
+                loss = loss + w * term
         return self.weight * loss
+
+    def _warn_image_sets(self, mode, per_image):
+        """patch_scope="image": each image's patches are a set; warn once if such a set is exactly 0."""
+        if self._few_rows_warned or not zero_set(mode, per_image) or torch.compiler.is_compiling():
+            return
+        self._few_rows_warned = True
+        warnings.warn(few_rows_message("D2SMLoss", mode, per_image, " (patch_scope='image': one image's patches, "
+                                       f"patch_size={self.patch_size}, patch_stride={self.patch_stride})",
+                                       "Take more patches per image (a smaller patch_stride or patch_size, or larger "
+                                       "images), or patch_scope='batch' to pool them in the queue.",
+                                       once="once per D2SMLoss module"),
+                      UserWarning, stacklevel=user_stacklevel())

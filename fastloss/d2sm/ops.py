@@ -5,6 +5,9 @@ does the kernel, the row normalization, the log, the KL and the gradient with re
 similarities in one pass (``csrc/cpu/d2sm.cpp``, ``kernels/d2sm.py``,
 ``csrc/cuda/d2sm_kernels.cu``); the products with the features stay matrix products.
 """
+import os
+import sys
+import warnings
 from typing import Tuple
 
 import torch
@@ -41,6 +44,40 @@ def _sum_scale(loss, q, mode, reduction):
         q = q.to(loss.dtype)
     return loss * (q * q if mode == "pkt" else q)
 
+
+
+# The paper's own setting (§4, face super-resolution): a queue of 256 feature rows, mini-batches of
+# 32; its supplement's Fig. 8 found queues above 64 rows learning much faster than smaller ones.
+PAPER_QUEUE_SIZE = 256
+
+
+def zero_set(mode, rows):
+    """Whether a set of ``rows`` rows gives exactly 0 in ``mode``: fewer than 2 rows in either mode
+    (no other row); in paper mode fewer than 3 (each row's distribution over the other rows
+    (j != i) then has one entry, probability 1 for the prediction and the target alike)."""
+    return rows < (3 if mode == "paper" else 2)
+
+
+def few_rows_message(op, mode, rows, detail, fix, once="once"):
+    """The warning for a set that ``zero_set`` finds: why the value is 0, and the paper's queue."""
+    need = 3 if mode == "paper" else 2
+    why = ("each row's distribution over the other rows has a single entry, probability 1 for the prediction "
+           "and the target alike, so the KL vanishes" if rows >= 2 else "a row has no other row to be compared with")
+    return (f"{op}: the D2SM set has {rows} row{'s' if rows != 1 else ''}{detail}, and {mode} mode over fewer than "
+            f"{need} rows is 0 (up to rounding), and so is its gradient: {why}. {fix} The paper estimates the distributions "
+            f"over a queue of {PAPER_QUEUE_SIZE} feature rows (mini-batches of 32 and the memorized rows of earlier "
+            f"ones; queues above 64 rows learned much faster, its Fig. 8). (Shown {once}.)")
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside fastloss and
+    ``torch.nn`` (the user's line), for the function that calls this."""
+    skip = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+            os.path.dirname(os.path.abspath(torch.nn.__file__)) + os.sep)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check_features(pred, target, op, pred_name="pred", target_name="target", min_rows=1):
@@ -197,7 +234,22 @@ def d2sm_kl(pred: Tensor, target: Tensor, *, mode: str = "paper", eps: float = 1
     ``sum_i sum_{j != i} g'_{j|i} log(g'_{j|i} / g_{j|i})``.
     float16 / bfloat16 are computed in float32 and the result has the input dtype. ``backend``:
     ``auto`` (default), ``reference``, ``cpu``, ``triton`` or ``cuda``; see ``fastloss.backends()``.
+
+    Two rows in paper mode give exactly 0 (each row's distribution over the other one is 1 on both
+    sides): that warns once per call site (a ``UserWarning`` through Python's default filter).
     """
+    loss = _kl(pred, target, mode, eps, backend, reduction)
+    if mode == "paper" and zero_set(mode, pred.shape[0]) and not torch.compiler.is_compiling():
+        warnings.warn(few_rows_message("d2sm_kl", mode, pred.shape[0], "", (
+            "Pass at least 3 rows (the more, the better the estimate), gather earlier batches' rows with "
+            "fastloss.D2SMQueue, or use mode='pkt' (the published code's formula, not 0 over 2 rows)."),
+            once="once per call site"),
+            UserWarning, stacklevel=user_stacklevel())
+    return loss
+
+
+def _kl(pred, target, mode, eps, backend, reduction):
+    """``d2sm_kl`` without its warning (``D2SMLoss`` warns once per instance instead)."""
     _check_features(pred, target, _OP, min_rows=2)
     _check_mode_eps(mode, eps, _OP)
     _check_reduction(reduction, _OP)

@@ -1,6 +1,7 @@
 """``D2SMQueue``: the D2SM KL over the current batch plus a FIFO of past rows (the paper's
 memorized historic sampling), with a q x q similarity cache updated in place, its running row
 sums, and the all-gather of every rank's rows under ``torch.distributed``."""
+import warnings
 from typing import Tuple
 
 import torch
@@ -9,6 +10,7 @@ from torch import Tensor
 
 from .. import _backend, _ops
 from .ops import IMPLS as _KL_IMPLS
+from .ops import few_rows_message, user_stacklevel, zero_set
 from .ops import _backward, _check_features, _check_mode_eps, _check_reduction, _fused, _normalize_rows, \
     _setup_context, _sum_scale
 from .reference import _kl_from_sims
@@ -197,7 +199,10 @@ class D2SMQueue(nn.Module):
     gradient of ``pred_feats``, and the ``queue_size - B`` most recent earlier rows, detached
     (fewer while the queue fills up, so q = min(rows seen, queue_size)). Then the batch enters
     the queue and the oldest rows leave. A call with a set of fewer than 2 rows (the first call,
-    with B = 1) returns a zero loss that still has a graph.
+    with B = 1) returns a zero loss that still has a graph. So does a set of 2 rows in paper mode
+    (each row's distribution over the other one is 1 on both sides): a set that gives exactly 0
+    warns once per queue, decided from the rows this module has counted in Python (the batch
+    sizes, up to 3), never by reading the fill level from the device.
 
     The queues hold normalized rows. ``pred_sim`` / ``target_sim`` cache the queue_size x
     queue_size similarities and ``pred_rowsum`` / ``target_rowsum`` each row's sum of them
@@ -236,6 +241,10 @@ class D2SMQueue(nn.Module):
         self.register_buffer("_ptr", torch.zeros((), dtype=torch.int64), persistent=False)
         # follows .to(device): where a queue loaded from a state dict before any call is placed
         self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
+        # the rows in the queue as far as Python knows them, counted up to 3 (the fewest for which
+        # no mode is exactly 0) and then left alone: the few-rows warning reads it, never _filled
+        self._rows_known = 0
+        self._few_rows_owner, self._few_rows_warned = "D2SMQueue", False  # D2SMLoss renames or silences
 
     @property
     def filled(self) -> int:
@@ -257,6 +266,7 @@ class D2SMQueue(nn.Module):
             setattr(self, name, None)
         self._filled.zero_()
         self._ptr.zero_()
+        self._rows_known = 0
 
     def get_extra_state(self):
         return {"filled": self.filled, "ptr": self.ptr, "queue_size": self.queue_size}
@@ -267,6 +277,7 @@ class D2SMQueue(nn.Module):
                              f"queue_size={self.queue_size}")
         self._filled.fill_(int(state["filled"]))
         self._ptr.fill_(int(state["ptr"]))
+        self._rows_known = min(int(state["filled"]), 3)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -353,6 +364,8 @@ class D2SMQueue(nn.Module):
                 slots = _d2sm_queue_insert(new_p, new_t, self.pred_queue, self.target_queue, self.pred_sim,
                                            self.target_sim, self.pred_rowsum, self.target_rowsum, self._filled,
                                            self._ptr, name)
+            if not torch.compiler.is_compiling() and self._rows_known < 3:
+                self._count_rows(n)
             local = slots[rank * b:(rank + 1) * b]  # where this rank's rows sit
             if not fused:  # the reference: plain PyTorch over the set's q rows (a Python int)
                 q = self.filled
@@ -366,6 +379,26 @@ class D2SMQueue(nn.Module):
                                            self.mode, self.eps, name)[0]
                 loss = _sum_scale(loss, self._filled, self.mode, self.reduction)  # q: no host sync
             return loss.to(pred_feats.dtype)
+
+    def _count_rows(self, n):
+        """After an insertion of ``n`` rows: the set's size from Python's count (no device read),
+        and the warning, once, when that set gives exactly 0."""
+        before = self._rows_known
+        q = min(before + n, self.queue_size)
+        self._rows_known = min(q, 3)
+        if self._few_rows_owner is None or self._few_rows_warned or not zero_set(self.mode, q):
+            return
+        self._few_rows_warned = True
+        if zero_set(self.mode, self.queue_size):
+            fix = f"queue_size={self.queue_size} keeps every set this small: use a larger queue_size."
+        else:
+            fix = (f"The queue fills with the next calls (queue_size={self.queue_size}) and the value stops being "
+                   f"0 once it holds {3 if self.mode == 'paper' else 2} rows; a batch of that many avoids the zero "
+                   "steps.")
+        warnings.warn(few_rows_message(self._few_rows_owner, self.mode, q,
+                                       f" on this call ({n} new, {before} from earlier calls)", fix,
+                                       once=f"once per {self._few_rows_owner} module"),
+                      UserWarning, stacklevel=user_stacklevel())
 
     def _reference_loss(self, x, new_p, slots, local, q, rank, b):
         """Plain PyTorch with autograd over the cached similarities: the new rows' entries are

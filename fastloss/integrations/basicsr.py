@@ -12,6 +12,15 @@ Then a BasicSR option file names them like its own losses::
       layers: [relu4_3]
       extractor_weights: torchvision
 
+Several fastloss losses on one backbone pass (``fastloss.combine``)::
+
+    perceptual_opt:
+      type: FastlossCombinedLoss
+      loss_weight: 1.0
+      losses:
+        - {type: PerceptualLoss, layers: [relu4_3], pixel_weight: 0}
+        - {type: PDLLoss, layers: [relu4_3], pixel_weight: 0}
+
 BasicSR's conventions: the constructor takes ``loss_weight`` (a factor on the loss) and
 ``reduction`` (fastloss's losses are means over the batch, so only ``"mean"`` is accepted) and
 passes every other key to the fastloss class under its own keyword names; ``forward(pred, target)``
@@ -28,7 +37,7 @@ __all__ = ["register", "NAMES"]
 
 # registry name -> fastloss type name
 NAMES = {"PDLLoss": "PDLLoss", "D2SMLoss": "D2SMLoss", "MDFLoss": "MDFLoss",
-         "FastlossPerceptualLoss": "PerceptualLoss"}
+         "FastlossPerceptualLoss": "PerceptualLoss", "FastlossCombinedLoss": "CombinedLoss"}
 
 
 class _Adapter(nn.Module):

@@ -44,12 +44,17 @@ class MDFLoss(nn.Module):
     the loss within 2e-2, input gradients in norm within 2e-2 (paper) / 6e-2 (published: LeakyReLU
     kink noise, see tests/mdf/test_mdf_bf16.py). The ``reference`` backend given a compute dtype runs
     under ``torch.autocast`` in it.
+
+    ``input_range``: ``(0, 1)`` (default; the discriminators were trained on images in [0, 1]) or
+    ``(-1, 1)``, for images in [-1, 1], which are mapped to [0, 1] by ``(x + 1) / 2`` first (the
+    gradient flows through the map).
     """
 
     def __init__(self, weights="denoise", scales: int = 8, ascending: bool = True, backend: str = "auto",
                  grouped: Optional[bool] = None, formula: str = "published",
-                 compute_dtype: Optional[torch.dtype] = None):
+                 compute_dtype: Optional[torch.dtype] = None, input_range=(0, 1)):
         super().__init__()
+        self.input_range = _checks.check_input_range("MDFLoss", input_range)
         _backend.requested(backend, "MDFLoss")
         self.formula = _check_formula(formula, "MDFLoss")
         if compute_dtype not in (None, torch.bfloat16):
@@ -65,11 +70,12 @@ class MDFLoss(nn.Module):
         self.widths = [self.weights.widths[i] for i in self.indices]
         self._folded = [fold(self.weights.discriminators[i], self.weights.eps) for i in self.indices]  # load time
         self._cache: Dict[tuple, object] = {}
-        self._range_check = _checks.RangeCheck("MDFLoss")
+        self._range_check = _checks.RangeCheck("MDFLoss", self.input_range)
 
     def extra_repr(self):
         return (f"scales={self.scales}, ascending={self.ascending}, widths={self.widths}, backend={self.backend!r}, "
-                f"formula={self.formula!r}, compute_dtype={self.compute_dtype}, source={self.weights.source!r}")
+                f"formula={self.formula!r}, compute_dtype={self.compute_dtype}, input_range={self.input_range}, "
+                f"source={self.weights.source!r}")
 
     def _cached(self, key, make):
         # no lock: two threads racing here both build the same tensors and one result is kept
@@ -104,12 +110,16 @@ class MDFLoss(nn.Module):
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         _check_images(pred, target)
         self._range_check(target)  # the data convention; an untrained network's output strays from it
+        return self._loss(_checks.to_unit_range(pred, self.input_range), _checks.to_unit_range(target, self.input_range))
+
+    def _loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        """The loss on checked images in [0, 1]."""
         name, dtype = _ops.select(_OP, IMPLS, self.backend, pred.device, pred.dtype)
         if dtype != pred.dtype:
             # auto on the CPU: the cpu backend's kernels take float32 / float64, so float16 / bfloat16
             # images run there in float32 (not in the reference in their own dtype); the loss comes
             # back in their dtype, and so do the gradients (through the casts)
-            return self.forward(pred.to(dtype), target.to(dtype)).to(pred.dtype)
+            return self._loss(pred.to(dtype), target.to(dtype)).to(pred.dtype)
         if IMPLS[name].formula:
             with (torch.autocast(pred.device.type, dtype=self.compute_dtype) if self.compute_dtype is not None
                   else contextlib.nullcontext()):

@@ -1,12 +1,12 @@
 """``PDLLoss``: PDL on the features of a frozen extractor, plus a pixel L1 term."""
 from typing import Optional, Sequence
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
 from .. import _backend, _checks
-from ..features import extractor_module
+from .. import _ops
+from ..features import SharedPass, extractor_module, feature_pair, float32_features
 from .ops import check_convention, pdl
 from .projections import PROJECTIONS, check_rpp, project, projection_matrix
 
@@ -19,16 +19,20 @@ class PDLLoss(nn.Module):
     ``u`` (restored) and ``v`` (clean) are (B, 3, H, W) images in [0, 1]; ``Phi_l`` are layers of
     a frozen VGG (ImageNet-normalised inputs), ``P_l`` the fixed projections. Target features are
     computed without autograd. ``extractor_weights``: a path to a torchvision-format state dict,
-    ``"torchvision"`` (torchvision's cached ImageNet weights, never downloaded), or ``None``
+    ``"torchvision"`` (torchvision's ImageNet weights from the torch hub cache, downloaded there on
+    first use unless ``FASTLOSS_OFFLINE=1``; see ``fastloss.features.torchvision_weights``), or ``None``
     (random init, for speed tests only). ``extractor`` may also be any ``nn.Module`` mapping
     images to a dict ``{layer: features}`` (or a single tensor, for one layer).
+    ``compute_dtype``: ``None`` (float32; bfloat16 inside a ``torch.autocast(dtype=torch.bfloat16)``
+    region) or ``torch.bfloat16``: the dtype the frozen backbone runs in (channels_last on the CPU);
+    the formula always runs in float32 on the features (README, "Fast steps").
     """
 
     def __init__(self, layers: Sequence[str] = ("relu4_3",), layer_weights: Optional[Sequence[float]] = None,
                  weight: float = 0.01, pixel_weight: float = 1.0, projection: str = "id", p: int = 1,
                  extractor="vgg16", extractor_weights="torchvision", num_projections: Optional[int] = None,
                  seed: int = 0, backend: str = "auto", root: bool = False, normalization: str = "mean",
-                 input_range=(0, 1)):
+                 input_range=(0, 1), compute_dtype=None):
         super().__init__()
         self.input_range = _checks.check_input_range("PDLLoss", input_range)
         self._range_check = _checks.RangeCheck("PDLLoss", self.input_range)
@@ -61,11 +65,12 @@ class PDLLoss(nn.Module):
         self.weight, self.pixel_weight = float(weight), float(pixel_weight)
         self.projection, self.num_projections, self.seed, self.p = projection, num_projections, seed, p
         self.backend = backend
-        self.extractor = extractor_module("PDLLoss", extractor, layers, extractor_weights)
+        self.extractor = extractor_module("PDLLoss", extractor, layers, extractor_weights, compute_dtype)
+        self.compute_dtype = compute_dtype
         self._matrices = {}
 
-    def _features(self, x):
-        out = self.extractor(x)
+    def _layers_of(self, out):
+        """The extractor's output as {layer: features}, every requested layer present."""
         if isinstance(out, Tensor):
             if len(self.layers) != 1:
                 raise ValueError("PDLLoss: the extractor returned one tensor but several layers were requested")
@@ -82,23 +87,40 @@ class PDLLoss(nn.Module):
             self._matrices[key] = None if m is None else m.to(device)
         return self._matrices[key]
 
-    def forward(self, restored: Tensor, clean: Tensor) -> Tensor:
+    def prepare(self, restored: Tensor, clean: Tensor):
+        """The input checks, then both images mapped to [0, 1] (``input_range``)."""
         builtin = type(self.extractor).__module__ == "fastloss.features"
         for name, t in (("restored", restored), ("clean", clean)):
             _checks.check_image("PDLLoss", name, t, rgb=builtin)
         if restored.shape != clean.shape:
             raise ValueError(f"PDLLoss: restored and clean shapes differ: {tuple(restored.shape)} vs {tuple(clean.shape)}")
         self._range_check(clean)  # the data convention; an untrained network's output strays from it
-        restored, clean = _checks.to_unit_range(restored, self.input_range), _checks.to_unit_range(clean, self.input_range)
+        return _checks.to_unit_range(restored, self.input_range), _checks.to_unit_range(clean, self.input_range)
+
+    def forward(self, restored: Tensor, clean: Tensor) -> Tensor:
+        restored, clean = self.prepare(restored, clean)
         loss = self.pixel_weight * (restored - clean).abs().mean()
         if self.weight == 0:
             return loss
-        fu = self._features(restored)
-        with torch.no_grad():
-            fv = self._features(clean)
-        for i, (name, w) in enumerate(zip(self.layers, self.layer_weights)):
-            m = self._matrix(i, fu[name].shape[1], fu[name].device)
-            loss = loss + self.weight * w * pdl(project(fu[name], m), project(fv[name], m), p=self.p,
-                                                 backend=self.backend, root=self.root,
-                                                 normalization=self.normalization)
+        fu, fv = feature_pair(self.extractor, restored, clean, self.compute_dtype)
+        return self.feature_terms(self._layers_of(fu), self._layers_of(fv), loss)
+
+    # what fastloss.combine() shares: one extractor pass for the union of the layers
+    def shared_pass(self):
+        return SharedPass(self.extractor, self.layers, self.input_range, self.compute_dtype)
+
+    def terms_from_features(self, restored, clean, fu, fv):
+        """The loss without its pixel term, from ``{layer: features}`` of both images."""
+        return self.feature_terms(fu, fv) if self.weight != 0 else restored.new_zeros(())
+
+    def feature_terms(self, fu, fv, loss=0.0):
+        """``loss + weight * sum_l w_l * pdl(P_l fu_l, P_l fv_l)``: the formula on the features, in
+        float32 (features computed in bfloat16 are upcast first) with autocast off."""
+        fu, fv = float32_features(fu), float32_features(fv)
+        with _ops.autocast_off(next(iter(fu.values())).device):
+            for i, (name, w) in enumerate(zip(self.layers, self.layer_weights)):
+                m = self._matrix(i, fu[name].shape[1], fu[name].device)
+                loss = loss + self.weight * w * pdl(project(fu[name], m), project(fv[name], m), p=self.p,
+                                                     backend=self.backend, root=self.root,
+                                                     normalization=self.normalization)
         return loss

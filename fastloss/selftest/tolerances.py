@@ -16,7 +16,7 @@ import torch
 TOL = {
     # float64 unit roundoff is 1.1e-16; sums over up to 50176 entries in another order than the
     # truth's stay near 1e-15 (worst on cpu 8e-16). 1e-9 is far above that and far below float32's
-    # roundoff (6e-8), so a float64 path that does any step in float32 fails (tests/test_selftest.py
+    # roundoff (6e-8), so a float64 path that does any step in float32 fails (tests/common/test_selftest.py
     # puts a 1e-7 error into D2SM's float64 result and expects the run to fail).
     torch.float64: 1e-9,
     # float32 unit roundoff is 6e-8; row means of up to 50176 terms accumulate it in an order the
@@ -37,7 +37,7 @@ D2SM_TOL = {
     torch.float64: 1e-9,
     # the KLs are O(1e-3) and smaller, sums of O(1) log terms of both signs: the cancellation
     # magnifies float32 rounding to ~1e-4 relative when they are computed in float32 (as the
-    # float32 reference does; tests/test_fuzz_d2sm.py). 1e-3 is ten times that; the fast backends
+    # float32 reference does; tests/d2sm/test_d2sm_fuzz.py). 1e-3 is ten times that; the fast backends
     # form their sums and log arguments in float64 (worst on cpu 1.6e-6).
     torch.float32: 1e-3,
     # half inputs are computed in float32 and only the result is rounded to the input dtype: as

@@ -14,7 +14,7 @@ from helpers import ROOT
 TINY = ["--steps", "1", "--warmup", "0", "--batch-size", "1", "--crop", "16", "--width", "4", "--no-progress"]
 ROW_FIELDS = {"config", "label", "loss", "backend", "steps", "warmup_steps", "median_step_seconds", "steps_per_sec",
               "total_seconds", "final_loss", "relative_to_pixel", "relative_to_vgg", "speedup_vs_reference",
-              "rounds", "round_median_step_seconds"}
+              "rounds", "round_median_step_seconds", "relative_to_vgg_autocast", "speedup_vs_added"}
 
 
 @requires_cpu_ext

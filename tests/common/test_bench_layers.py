@@ -27,7 +27,7 @@ def test_layers_choose_the_perceptual_layers():
     image = bench.make_image(64)
     vgg = bench.setup_config("vgg", args, image)["criterion"]
     pdl = bench.setup_config("pdl-fast", args, image)["criterion"]
-    assert vgg.layers == ("relu4_3",) and vgg.vgg.layers == ("relu4_3",)
+    assert vgg.layers == ("relu4_3",) and sorted(vgg.out_index.values()) == ["relu4_3"]
     assert pdl.layers == ("relu4_3",) and pdl.extractor.layers == ("relu4_3",)
     two = bench.parse_args(["--layers", "relu1_2, relu3_3"])
     assert bench.setup_config("pdl-ref", two, image)["criterion"].layers == ("relu1_2", "relu3_3")

@@ -83,7 +83,7 @@ def test_input_range_minus_one_one_equals_the_unit_range_loss(cls, kw):
     a = cls(extractor_weights=None, **kw)
     torch.manual_seed(0)
     b = cls(extractor_weights=None, input_range=(-1, 1), **kw)
-    u, v = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    u, v = torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32)  # 3 rows: D2SM's paper mode is 0 over 2
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # [-1, 1] images are in range for input_range=(-1, 1)
         got = b(u * 2 - 1, v * 2 - 1)

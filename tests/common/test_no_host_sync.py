@@ -144,6 +144,25 @@ def test_d2sm_loss_step_has_no_host_sync():
         assert torch.isfinite(loss) and restored.grad.abs().sum() > 0
 
 
+def test_bfloat16_backbone_and_combined_steps_have_no_host_sync():
+    """Issue 21's paths: the bfloat16 VGG (its cached weight casts), its channels_last layout, the
+    float32 formula on upcast features, and combine()'s shared pass, with the triton backend."""
+    torch.manual_seed(3)
+    perc = fastloss.PerceptualLoss(layers=("relu1_2",), extractor_weights=None, compute_dtype=torch.bfloat16)
+    pdl = fastloss.PDLLoss(layers=("relu1_2",), extractor_weights=None, compute_dtype=torch.bfloat16,
+                           pixel_weight=0.0, backend="triton")
+    pdl.extractor.load_state_dict(perc.vgg.state_dict())
+    restored = torch.rand(2, 3, 8, 8, requires_grad=True)
+    clean = torch.rand(2, 3, 8, 8)
+    for crit in (pdl, fastloss.combine(perc, pdl)):
+        crit(restored, clean).backward()  # warm-up: the range check's one read, the casts
+        restored.grad = None
+        with no_host_sync():
+            loss = crit(restored, clean)
+            loss.backward()
+        assert torch.isfinite(loss) and restored.grad.abs().sum() > 0
+
+
 def test_mdf_step_has_no_host_sync(monkeypatch):
     from fastloss.kernels import mdf as triton_mdf
 
