@@ -18,10 +18,11 @@ def machine():
     """CPU model, threads and library versions, for the record."""
     import fastloss
     from fastloss._backend import cpu_kernels
-    from fastloss.bench.run import cpu_model, triton_version
+    from fastloss.bench.run import cpu_flags, cpu_model, triton_version
 
     return {
         "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -160,7 +161,11 @@ def write_section(name, text):
 
 
 def machine_lines(info):
-    return [f"- CPU: {info['cpu']} ({info['logical_cpus']} logical CPUs, torch threads {info['torch_threads']})",
+    flags = info.get("cpu_flags") or {}
+    flag_text = (f"; flags: {' '.join(flags.get('flags') or ['no avx512 / amx'])}, torch CPU capability "
+                 f"{flags.get('torch_cpu_capability')}") if flags else ""
+    return [f"- CPU: {info['cpu']} ({info['logical_cpus']} logical CPUs, torch threads {info['torch_threads']}"
+            f"{flag_text})",
             f"- torch {info['torch']}, triton {info['triton']}, python {info['python']}, fastloss {info['fastloss']}",
             f"- backends available: {', '.join(k for k, v in info['backends'].items() if v)}"
             + (f"; cpu PDL sort kernels: {info['cpu_kernels']}" if info.get("cpu_kernels") else "")]

@@ -124,6 +124,21 @@ def main(argv=None):
                     if args.vgg_weights is None else f"VGG weights: {args.vgg_weights}")
     if args.precision_check:
         result = run_precision_check(args, image)
+        if args.markdown:
+            info = machine_details(args)
+            text = "\n".join([
+                "## bfloat16 backbone in training: `fastloss-bench --precision-check`", "",
+                f"Command: `fastloss-bench {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
+                f"- CPU: {info['cpu']}; torch {info['torch']}; {weights_note}",
+                f"- the bench's DnCNN denoiser (width {args.width}), L1 + PDL ({', '.join(args.layers or PERCEPTUAL_LAYERS)}), "
+                f"{result['steps']} steps from seed {args.seed}, batch {args.batch_size}, crop {args.crop}, "
+                f"sigma {args.sigma}; PSNR on {result['crops']} held-out crops", "",
+                "| backbone | PSNR (dB) |", "|---|---:|",
+                f"| float32 (`pdl-fast`) | {result['pdl-fast']:.3f} |",
+                f"| bfloat16 (`pdl-bf16`) | {result['pdl-bf16']:.3f} |", "",
+                f"Difference: {result['difference_db']:+.3f} dB."])
+            write_markdown_section(args.markdown, "precision", text)
+            print(f"wrote the 'precision' section of {args.markdown}")
         with open(os.path.join(args.out, "precision.json"), "w") as f:
             json.dump(result, f, indent=1)
         return 0
