@@ -21,6 +21,11 @@ from fastloss import _backend
 from conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+# The published MDF weights (never copied into the repository): ../shared/mdf-official beside the
+# checkout, as CI lays it; FASTLOSS_MDF_OFFICIAL points elsewhere (a worktree whose ../shared is
+# not the project's). Tests skip only when the folder is absent; a missing file in it fails.
+MDF_OFFICIAL = os.environ.get("FASTLOSS_MDF_OFFICIAL") or os.path.normpath(os.path.join(ROOT, "..", "shared",
+                                                                                        "mdf-official"))
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -9,11 +9,14 @@ import fastloss
 from fastloss.features import VGG
 from fastloss.mdf import WeightFileError, shipped_path
 
-OFFICIAL = "/work/shared/mdf-official/Ds_Denoising.pth"
+from helpers import MDF_OFFICIAL
+
+OFFICIAL = os.path.join(MDF_OFFICIAL, "Ds_Denoising.pth")
 
 
-@pytest.mark.skipif(not os.path.isfile(OFFICIAL), reason=f"the published MDF file {OFFICIAL} is not on this machine")
+@pytest.mark.skipif(not os.path.isdir(MDF_OFFICIAL), reason=f"{MDF_OFFICIAL} (../shared beside the checkout) is absent")
 def test_published_mdf_pth_given_to_vgg_is_named():
+    assert os.path.isfile(OFFICIAL), f"{MDF_OFFICIAL} is there but {OFFICIAL} is not"
     with pytest.raises(ValueError, match=r"is an MDF discriminator set \(the published SinGAN .pth.*MDFLoss"):
         fastloss.PDLLoss(extractor_weights=OFFICIAL)
 

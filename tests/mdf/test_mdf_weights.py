@@ -14,10 +14,7 @@ import torch
 import fastloss
 from fastloss.mdf import weights as W
 
-from helpers import ROOT
-
-# FASTLOSS_MDF_OFFICIAL points elsewhere (a worktree whose ../shared is not the project's)
-OFFICIAL = os.environ.get("FASTLOSS_MDF_OFFICIAL") or os.path.normpath(os.path.join(ROOT, "..", "shared", "mdf-official"))
+from helpers import MDF_OFFICIAL as OFFICIAL
 FILES = {"Ds_JPEG.pth": (32,) * 4 + (64,) * 4, "Ds_Denoising.pth": (32,) * 4 + (64,) * 4 + (128,)}
 needs_official = pytest.mark.skipif(not os.path.isdir(OFFICIAL), reason="../shared/mdf-official is absent")
 
