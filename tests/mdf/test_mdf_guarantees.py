@@ -537,6 +537,8 @@ def test_mdf_first_call_from_two_threads_at_once():
     # without fastloss._backend.triton_launch_guard the interpreter fails here) and fills the
     # criterion's weight caches; both backends in one subprocess, each on its first call
     runs = [(b, s) for b, s in (("cpu", 3), ("triton", 1)) if _backend.status(b)[0]]
+    if not runs:  # two empty lists would compare equal: there would be nothing checked
+        pytest.skip("no fast backend (cpu, triton) runs here")
     res = first_calls_from_two_threads(_FIRST_CALL, json.dumps(runs))
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 3, 12, 13, generator=g)
