@@ -99,3 +99,20 @@ def test_microbenchmarks_smoke_subset_runs():
     for name in SMOKE_TESTS + SMOKE_PEERS:
         assert any(name in line for line in passed), f"no smoke microbenchmark {name}... passed:\n{out.stdout[-3000:]}"
     assert all("-smoke-" in line or "-smoke]" in line for line in passed)  # the subset only
+
+
+def test_ratios_on_known_rows():
+    """The ratio columns on rows whose steps/sec are chosen by hand (expected values worked out
+    here, not recomputed with the code's formula)."""
+    from fastloss.bench.run import add_ratios
+
+    sps = {"l1": 10.0, "vgg": 4.0, "vgg-autocast": 5.0, "pdl-ref": 2.0, "pdl-fast": 3.0, "perc+pdl": 1.0,
+           "combined": 2.5, "perc+pdl-bf16": 2.0, "combined-bf16": 3.0}
+    rows = {r["config"]: r for r in add_ratios([{"config": k, "steps_per_sec": v} for k, v in sps.items()])}
+    assert rows["vgg"]["relative_to_pixel"] == pytest.approx(0.4)
+    assert rows["pdl-fast"]["relative_to_vgg"] == pytest.approx(0.75)
+    assert rows["pdl-fast"]["speedup_vs_reference"] == pytest.approx(1.5)
+    assert rows["pdl-fast"]["relative_to_vgg_autocast"] == pytest.approx(0.6)
+    assert rows["combined"]["speedup_vs_added"] == pytest.approx(2.5)
+    assert rows["combined-bf16"]["speedup_vs_added"] == pytest.approx(1.5)
+    assert rows["pdl-ref"]["speedup_vs_reference"] is None and rows["perc+pdl"]["speedup_vs_added"] is None
