@@ -70,8 +70,8 @@ def test_channels_last_gives_the_same_features_as_nchw():
     fa, fb = a(x), b(x)
     assert fb["relu3_3"].is_contiguous(memory_format=torch.channels_last)
     assert fa["relu3_3"].is_contiguous()
-    for k in fa:
-        torch.testing.assert_close(fb[k], fa[k], rtol=1e-5, atol=1e-5)
+    for k in fa:  # another convolution algorithm: float32 rounding relative to the layer's magnitude
+        torch.testing.assert_close(fb[k], fa[k], rtol=1e-4, atol=1e-5 * fa[k].abs().max().item())
     assert VGG("vgg16", layers="relu1_2")(x)["relu1_2"].is_contiguous(memory_format=torch.channels_last)  # CPU default
 
 
@@ -92,11 +92,23 @@ def test_cast_weights_follow_new_parameters():
 
 # --------------------------------------------------------------------------- the losses stay right in bfloat16
 def _hand_autocast_pdl(vgg, u, v, layers):
-    """PDL as a user writes it under autocast: VGG in bfloat16, features upcast, torch.sort."""
+    """PDL as a user writes it under autocast: the VGG's torchvision-layout Sequential run module by
+    module (NCHW, autocast casting each convolution to bfloat16), features upcast, torch.sort."""
+    index = dict(vgg._out_index)
+
+    def run(x):
+        x = (x - vgg.mean) / vgg.std
+        out = {}
+        for i, module in enumerate(vgg.features):
+            x = module(x)
+            if i in index:
+                out[index[i]] = x
+        return out
+
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fu = vgg(u)
+        fu = run(u)
         with torch.no_grad():
-            fv = vgg(v)
+            fv = run(v)
     return sum(fastloss.pdl_reference(fu[k].float(), fv[k].float()) for k in layers)
 
 
