@@ -58,14 +58,14 @@ class CombinedLoss(nn.Module):
                 continue
             group = next((g for g in self._groups if self._same(g, sp)), None)
             if group is None:
-                group = {"pass": sp, "members": [], "extractors": []}
+                group = {"pass": sp, "members": [], "extractors": [], "layers": []}
                 self._groups.append(group)
             group["members"].append(i)
             group["extractors"].append(sp.extractor)
+            group["layers"] += sp.layers
         self.extractors = nn.ModuleList()  # the union extractors (their modules are the losses' own)
         for g in self._groups:
-            first = g["pass"]
-            layers = [name for i in g["members"] for name in losses[i].shared_pass().layers]
+            first, layers = g["pass"], g["layers"]
             if isinstance(first.extractor, VGG):
                 g["extractor"] = union_vgg(g["extractors"], layers)
                 self.extractors.append(g["extractor"])

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._ops import autocast_off
+
 __all__ = ["VGG", "vgg16", "vgg19", "layer_names", "TORCHVISION_CHECKPOINTS", "TORCHVISION_URLS",
            "torchvision_weights", "COMPUTE_DTYPES"]
 
@@ -418,7 +420,7 @@ class VGG(nn.Module):
         dtype = self.run_dtype(x)
         cl = channels_last_default(x.device, dtype) if self.channels_last is None else self.channels_last
         params = self._weights(dtype, cl)
-        with _autocast_off(x.device):
+        with autocast_off(x.device):
             x = x.to(self.features[0].weight.dtype)
             if self.normalize:
                 x = (x - self.mean) / self.std
@@ -493,17 +495,9 @@ def union_vgg(vggs: List["VGG"], layers: Iterable[str]) -> "VGG":
     """One VGG returning ``layers``, on the modules (the same weights, not a copy) of the deepest
     of ``vggs``, which ``same_vgg`` found equal."""
     deepest = max(vggs, key=lambda v: len(v.features))
-    out = VGG.__new__(VGG)
-    nn.Module.__init__(out)
-    index = {name: i for i, (name, _, _, _) in enumerate(_layout(deepest.arch))}
-    out.arch, out.normalize = deepest.arch, deepest.normalize
-    out.compute_dtype, out.channels_last, out._cast_cache = deepest.compute_dtype, deepest.channels_last, {}
-    out.layers = tuple(dict.fromkeys(layers))
-    out._out_index = {index[name]: name for name in out.layers}
-    out._deepest = deepest._deepest
-    out.features = deepest.features
-    out.register_buffer("mean", deepest.mean, persistent=False)
-    out.register_buffer("std", deepest.std, persistent=False)
+    out = VGG(deepest.arch, layers=layers, normalize=deepest.normalize, compute_dtype=deepest.compute_dtype,
+              channels_last=deepest.channels_last)
+    out.features = deepest.features[:len(out.features)]  # shares the modules; drops its own random ones
     return out
 
 
@@ -550,10 +544,6 @@ def float32_features(feats: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tenso
     return {k: v.float() if v.dtype in (torch.bfloat16, torch.float16) else v for k, v in feats.items()}
 
 
-def _autocast_off(device: torch.device):
-    from ._ops import autocast_off  # fastloss._ops imports the dispatch; keep features importable alone
-
-    return autocast_off(device)
 
 
 def extractor_module(loss: str, extractor, layers, weights, compute_dtype=None) -> nn.Module:
