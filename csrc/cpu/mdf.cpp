@@ -18,6 +18,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -251,7 +252,300 @@ void mdf_leaky_relu_backward_(at::Tensor& g, const at::Tensor& mask, double slop
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// MDFLoss(compute_dtype=bfloat16) on the CPU: the elementwise work around the bfloat16
+// convolutions, one pass per layer (forward) and per LeakyReLU (backward). See
+// fastloss/mdf/ops.py, ``_delta_forward``: the batch is [pred - target; target], and each
+// bias-free convolution gives u = [du; u_t - b].
+namespace {
+
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// Round to nearest even, as c10::BFloat16 does (NaN stays a quiet NaN), without a branch.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+}
+
+inline const uint16_t* bf16_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+inline uint16_t* bf16_ptr_mut(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+// Dense channels_last (or, with one channel, any dense layout): sample n, pixel p, channel c at n*P*C + p*C + c.
+at::Tensor nhwc_dense(const at::Tensor& x) {
+  if (x.size(1) == 1 ? x.is_contiguous() : x.is_contiguous(at::MemoryFormat::ChannelsLast)) return x;
+  return x.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::Tensor empty_nhwc(int64_t n, const at::Tensor& like, at::ScalarType dtype) {
+  return at::empty({n, like.size(1), like.size(2), like.size(3)}, like.options().dtype(dtype),
+                   at::MemoryFormat::ChannelsLast);
+}
+
+constexpr int64_t MDF_BF16_PIXELS = 512;  // pixels per work item of the forward step
+
+// One pixel's C channels of mdf_bf16_delta_step; a template per output set, so that every store is
+// unconditional and the loop vectorizes.
+template <bool DA, bool MP, bool MT>
+inline void delta_pixel(const uint16_t* __restrict du, const uint16_t* __restrict uu, const float* __restrict bp,
+                        uint16_t* __restrict nd, uint16_t* __restrict nt, uint16_t* __restrict dd,
+                        uint8_t* __restrict mp, uint8_t* __restrict mt, float* __restrict a, int64_t C, float s) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float ut = bf16_to_f32(uu[c]) + bp[c];
+    const float upv = ut + bf16_to_f32(du[c]);
+    // LeakyReLU without a branch: max(x, 0) + s min(x, 0) is x or s x exactly
+    const float at_ = std::max(ut, 0.0f) + s * std::min(ut, 0.0f);
+    const float d = std::max(upv, 0.0f) + s * std::min(upv, 0.0f) - at_;
+    const uint16_t db = f32_to_bf16(d);
+    nd[c] = db;
+    nt[c] = f32_to_bf16(at_);
+    a[c] += d * d;
+    if constexpr (DA) dd[c] = db;
+    if constexpr (MP) mp[c] = static_cast<uint8_t>(upv > 0.0f);
+    if constexpr (MT) mt[c] = static_cast<uint8_t>(ut > 0.0f);
+  }
+}
+
+}  // namespace
+
+// u [2B, C, h, w] bfloat16 (the bias-free convolution of [a_p - a_t; a_t]), bias [C] float32:
+//   u_t = u[B + b] + bias, u_p = u_t + u[b], a_t = LReLU(u_t), da = LReLU(u_p) - a_t (float32)
+//   next = [da; a_t] in bfloat16 (the next layer's input), da also apart when want_da (saved for
+//   the backward), mask [mask_rows] = [u_p > 0] (mask_rows = B) or [u_p > 0; u_t > 0] (2B),
+//   loss [B] = sum_c chan_w[c] sum_hw da^2 in float32 (double across work items) when chan_w is
+//   not empty, else an empty tensor.
+// next comes as one tensor per entry of ``splits`` (channel counts summing to C; empty: one tensor),
+// each dense channels_last: the merged head's output split into the discriminators' inputs
+// without a copy per slice.
+// Each element is read once and written once per output, in channels_last; the values are the
+// ones the float32 torch ops of ``_delta_forward`` give, bit for bit (the sums' order differs).
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> mdf_bf16_delta_step(
+    const at::Tensor& u_in, const at::Tensor& bias_in, double slope_d, int64_t batch, const at::Tensor& chan_w_in,
+    bool want_da, int64_t mask_rows, std::vector<int64_t> splits) {
+  const char* op = "mdf_bf16_delta_step (cpu)";
+  TORCH_CHECK(u_in.device().is_cpu() && u_in.scalar_type() == at::kBFloat16 && u_in.dim() == 4, op,
+              ": u must be a 4-d bfloat16 CPU tensor, got ", u_in.scalar_type(), " ", u_in.sizes());
+  TORCH_CHECK(batch >= 1 && u_in.size(0) == 2 * batch, op, ": u has ", u_in.size(0), " samples for batch ", batch);
+  TORCH_CHECK(mask_rows == 0 || mask_rows == batch || mask_rows == 2 * batch, op, ": mask_rows must be 0, B or 2B");
+  const int64_t C = u_in.size(1), P = u_in.size(2) * u_in.size(3), n = C * P;
+  const at::Tensor u = nhwc_dense(u_in);
+  const at::Tensor bias = bias_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(bias.numel() == C, op, ": bias has ", bias.numel(), " entries for ", C, " channels");
+  const bool with_loss = chan_w_in.numel() > 0;
+  const at::Tensor w = with_loss ? chan_w_in.to(at::kFloat).contiguous() : at::ones({C}, bias.options());
+  TORCH_CHECK(w.numel() == C, op, ": chan_w has ", w.numel(), " entries for ", C, " channels");
+  if (splits.empty()) splits.push_back(C);
+  std::vector<at::Tensor> next;
+  std::vector<uint16_t*> nxs;
+  std::vector<int64_t> c0s;
+  int64_t c0 = 0;
+  for (const int64_t cj : splits) {
+    TORCH_CHECK(cj >= 1, op, ": splits must be positive, got ", cj);
+    next.push_back(at::empty({2 * batch, cj, u.size(2), u.size(3)}, u.options(), at::MemoryFormat::ChannelsLast));
+    nxs.push_back(bf16_ptr_mut(next.back()));
+    c0s.push_back(c0);
+    c0 += cj;
+  }
+  TORCH_CHECK(c0 == C, op, ": splits sum to ", c0, " for ", C, " channels");
+  at::Tensor da = want_da ? empty_nhwc(batch, u, at::kBFloat16) : at::Tensor();
+  at::Tensor mask = mask_rows > 0 ? empty_nhwc(mask_rows, u, at::kBool) : at::Tensor();
+  const int64_t chunks = (P + MDF_BF16_PIXELS - 1) / MDF_BF16_PIXELS;
+  std::vector<double> partials(static_cast<size_t>(batch * chunks), 0.0);
+  const uint16_t* up_ = bf16_ptr(u);
+  uint16_t* dap = want_da ? bf16_ptr_mut(da) : nullptr;
+  uint8_t* mk = mask_rows > 0 ? reinterpret_cast<uint8_t*>(mask.data_ptr<bool>()) : nullptr;
+  const float* bp = bias.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float s = static_cast<float>(slope_d);
+  const bool mask_t = mask_rows == 2 * batch;
+  at::parallel_for(0, batch * chunks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> acc(static_cast<size_t>(C));
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t b = r / chunks, k = r % chunks;
+      const int64_t e0 = k * MDF_BF16_PIXELS * C, e1 = std::min(P, (k + 1) * MDF_BF16_PIXELS) * C;
+      const int64_t op_ = b * n, ot = (batch + b) * n;  // pred-difference and target rows
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      float* a = acc.data();
+      for (int64_t e = e0; e < e1; e += C) for (size_t j = 0; j < splits.size(); ++j) {
+        const int64_t cj = splits[j], o = e + c0s[j], pj = (e / C) * cj;  // pj: the pixel in next[j]
+        uint16_t* dd = dap != nullptr ? dap + op_ + o : nullptr;
+        uint8_t* mp = mk != nullptr ? mk + op_ + o : nullptr;
+        uint8_t* mt = mask_t ? mk + ot + o : nullptr;
+        const uint16_t* du = up_ + op_ + o;
+        const uint16_t* uu = up_ + ot + o;
+        uint16_t* nd = nxs[j] + b * cj * P + pj;
+        uint16_t* nt = nxs[j] + (batch + b) * cj * P + pj;
+        const float* bj = bp + c0s[j];
+        float* aj = a + c0s[j];
+        if (dd != nullptr && mt != nullptr) {
+          delta_pixel<true, true, true>(du, uu, bj, nd, nt, dd, mp, mt, aj, cj, s);
+        } else if (dd != nullptr && mp != nullptr) {
+          delta_pixel<true, true, false>(du, uu, bj, nd, nt, dd, mp, mt, aj, cj, s);
+        } else if (mt != nullptr) {
+          delta_pixel<false, true, true>(du, uu, bj, nd, nt, dd, mp, mt, aj, cj, s);
+        } else if (mp != nullptr) {
+          delta_pixel<false, true, false>(du, uu, bj, nd, nt, dd, mp, mt, aj, cj, s);
+        } else if (dd != nullptr) {
+          delta_pixel<true, false, false>(du, uu, bj, nd, nt, dd, mp, mt, aj, cj, s);
+        } else {
+          delta_pixel<false, false, false>(du, uu, bj, nd, nt, dd, mp, mt, aj, cj, s);
+        }
+      }
+      double sum = 0.0;
+      for (int64_t c = 0; c < C; ++c) sum += static_cast<double>(wp[c]) * static_cast<double>(a[c]);
+      partials[static_cast<size_t>(r)] = sum;
+    }
+  });
+  at::Tensor loss;
+  if (with_loss) {
+    loss = at::empty({batch}, bias.options());
+    float* lp = loss.data_ptr<float>();
+    for (int64_t b = 0; b < batch; ++b) {
+      double sum = 0.0;
+      for (int64_t k = 0; k < chunks; ++k) sum += partials[static_cast<size_t>(b * chunks + k)];
+      lp[b] = static_cast<float>(sum);
+    }
+  } else {
+    loss = at::empty({0}, bias.options());
+  }
+  return {next, want_da ? da : at::empty({0}, u.options()), mask_rows > 0 ? mask : at::empty({0}, u.options().dtype(at::kBool)), loss};
+}
+
+// loss [B] (float32) = sum_m weight_m sum_chw x_m[b]^2 over bfloat16 tensors x_m [B, C_m, H_m, W_m] (any
+// layout), in double: the tail maps' differences of MDF's published formula, all in one call.
+at::Tensor mdf_bf16_sqsum(const std::vector<at::Tensor>& xs_in, const std::vector<double>& weights) {
+  const char* op = "mdf_bf16_sqsum (cpu)";
+  TORCH_CHECK(!xs_in.empty() && xs_in.size() == weights.size(), op, ": ", xs_in.size(), " tensors, ", weights.size(),
+              " weights");
+  const int64_t B = xs_in[0].size(0);
+  std::vector<at::Tensor> xs;
+  for (const auto& x : xs_in) {
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 4 && x.size(0) == B, op,
+                ": tensors must be 4-d bfloat16 CPU tensors of ", B, " samples, got ", x.scalar_type(), " ", x.sizes());
+    xs.push_back(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast) ? x : x.contiguous());
+  }
+  const int64_t M = static_cast<int64_t>(xs.size());
+  std::vector<double> partials(static_cast<size_t>(B * M), 0.0);
+  at::parallel_for(0, B * M, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t b = r / M, m = r % M, n = xs[m].numel() / B;  // a dense sample, either layout
+      const uint16_t* p = bf16_ptr(xs[m]) + b * n;
+      float acc = 0.0f;
+      double sum = 0.0;
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = bf16_to_f32(p[i]);
+        acc += v * v;
+        if ((i & 1023) == 1023) {
+          sum += acc;
+          acc = 0.0f;
+        }
+      }
+      partials[static_cast<size_t>(r)] = weights[static_cast<size_t>(m)] * (sum + acc);
+    }
+  });
+  at::Tensor loss = at::empty({B}, xs[0].options().dtype(at::kFloat));
+  float* lp = loss.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    double sum = 0.0;
+    for (int64_t m = 0; m < M; ++m) sum += partials[static_cast<size_t>(b * M + m)];
+    lp[b] = static_cast<float>(sum);
+  }
+  return loss;
+}
+
+// In place: out[r] = (g[r] + sign_r 2 grad[r mod B] chan_w[c] d[r mod B]) * (mask[r] ? 1 : slope) in
+// float32, rounded once to bfloat16; sign_r = 1 for r < B, -1 for the target rows r >= B. g (bfloat16,
+// may be out itself) or d (bfloat16, B rows) may be empty (left out). out, g, d and mask are
+// [R, C, h, w] views whose channels are adjacent in memory (channels_last, or channel slices of
+// channels_last tensors, or one channel); the rest of their strides is free.
+void mdf_bf16_grad_step_(at::Tensor& out, const at::Tensor& g, const at::Tensor& d, const at::Tensor& mask,
+                         const at::Tensor& grad_in, const at::Tensor& chan_w_in, double slope_d) {
+  const char* op = "mdf_bf16_grad_step_ (cpu)";
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kBFloat16 && out.dim() == 4, op,
+              ": out must be a 4-d bfloat16 CPU tensor");
+  const int64_t R = out.size(0), C = out.size(1), H = out.size(2), W = out.size(3);
+  const bool has_g = g.numel() > 0, has_d = d.numel() > 0;
+  auto check = [&](const at::Tensor& t, const char* name, at::ScalarType dt, int64_t rows) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dt && t.dim() == 4 && t.size(0) == rows &&
+                    t.size(1) == C && t.size(2) == H && t.size(3) == W,
+                op, ": ", name, " is ", t.scalar_type(), " ", t.sizes(), ", expected ", dt, " [", rows, ", ", C, ", ",
+                H, ", ", W, "]");
+    TORCH_CHECK(C == 1 || t.stride(1) == 1, op, ": ", name, "'s channels must be adjacent in memory (channels_last)");
+  };
+  check(out, "out", at::kBFloat16, R);
+  check(mask, "mask", at::kBool, R);
+  if (has_g) check(g, "g", at::kBFloat16, R);
+  int64_t B = R;
+  at::Tensor grad, w;
+  if (has_d) {
+    B = d.size(0);
+    TORCH_CHECK(R == B || R == 2 * B, op, ": out has ", R, " rows for ", B, " diff rows");
+    check(d, "d", at::kBFloat16, B);
+    grad = grad_in.reshape({-1}).to(at::kFloat).contiguous();
+    w = chan_w_in.to(at::kFloat).contiguous();
+    TORCH_CHECK(grad.numel() == B && w.numel() == C, op, ": grad needs ", B, " entries and chan_w ", C);
+  }
+  uint16_t* op_ = bf16_ptr_mut(out);
+  const uint16_t* gp = has_g ? bf16_ptr(g) : nullptr;
+  const uint16_t* dp = has_d ? bf16_ptr(d) : nullptr;
+  const uint8_t* mp = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+  const float* grp = has_d ? grad.data_ptr<float>() : nullptr;
+  const float* wp = has_d ? w.data_ptr<float>() : nullptr;
+  const float s = static_cast<float>(slope_d), rest = 1.0f - s;
+  const int64_t os0 = out.stride(0), os2 = out.stride(2), os3 = out.stride(3);
+  const int64_t ms0 = mask.stride(0), ms2 = mask.stride(2), ms3 = mask.stride(3);
+  const int64_t gs0 = has_g ? g.stride(0) : 0, gs2 = has_g ? g.stride(2) : 0, gs3 = has_g ? g.stride(3) : 0;
+  const int64_t ds0 = has_d ? d.stride(0) : 0, ds2 = has_d ? d.stride(2) : 0, ds3 = has_d ? d.stride(3) : 0;
+  at::parallel_for(0, R * H, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> gw(has_d ? static_cast<size_t>(C) : 0);
+    int64_t cached = -1;
+    for (int64_t ry = lo; ry < hi; ++ry) {
+      const int64_t r = ry / H, y = ry % H, b = r % B;
+      if (has_d && cached != r) {
+        const float f = (r < B ? 2.0f : -2.0f) * grp[b];
+        for (int64_t c = 0; c < C; ++c) gw[c] = f * wp[c];
+        cached = r;
+      }
+      for (int64_t x = 0; x < W; ++x) {
+        uint16_t* o = op_ + r * os0 + y * os2 + x * os3;
+        const uint8_t* m = mp + r * ms0 + y * ms2 + x * ms3;
+        const uint16_t* gr = has_g ? gp + r * gs0 + y * gs2 + x * gs3 : nullptr;
+        const uint16_t* dr = has_d ? dp + b * ds0 + y * ds2 + x * ds3 : nullptr;
+        if (has_g && has_d) {
+          for (int64_t c = 0; c < C; ++c)
+            o[c] = f32_to_bf16((bf16_to_f32(gr[c]) + gw[c] * bf16_to_f32(dr[c])) * (s + rest * m[c]));
+        } else if (has_g) {
+          for (int64_t c = 0; c < C; ++c) o[c] = f32_to_bf16(bf16_to_f32(gr[c]) * (s + rest * m[c]));
+        } else if (has_d) {
+          for (int64_t c = 0; c < C; ++c) o[c] = f32_to_bf16(gw[c] * bf16_to_f32(dr[c]) * (s + rest * m[c]));
+        } else {
+          for (int64_t c = 0; c < C; ++c) o[c] = 0;
+        }
+      }
+    }
+  });
+}
+
 void register_mdf(pybind11::module& m) {
+  m.def("mdf_bf16_delta_step", &mdf_bf16_delta_step,
+        "MDF bfloat16: one pass after a bias-free convolution of [pred - target; target] (bias, LeakyReLU, "
+        "difference, next input, mask, loss), on the CPU",
+        pybind11::arg("u"), pybind11::arg("bias"), pybind11::arg("slope"), pybind11::arg("batch"),
+        pybind11::arg("chan_w"), pybind11::arg("want_da"), pybind11::arg("mask_rows"), pybind11::arg("splits"));
+  m.def("mdf_bf16_sqsum", &mdf_bf16_sqsum, "MDF bfloat16: sum_m weight_m sum_chw x_m[b]^2 per sample, on the CPU",
+        pybind11::arg("xs"), pybind11::arg("weights"));
+  m.def("mdf_bf16_grad_step_", &mdf_bf16_grad_step_,
+        "MDF bfloat16: out = (g + 2 grad w d) * LeakyReLU'(mask) in place, on the CPU", pybind11::arg("out"),
+        pybind11::arg("g"), pybind11::arg("d"), pybind11::arg("mask"), pybind11::arg("grad"),
+        pybind11::arg("chan_w"), pybind11::arg("slope"));
   m.def("mdf_leaky_relu_backward_", &mdf_leaky_relu_backward_,
         "MDF: g *= (mask ? 1 : slope) in place, LeakyReLU's backward from a saved mask, on the CPU",
         pybind11::arg("g"), pybind11::arg("mask"), pybind11::arg("slope"));

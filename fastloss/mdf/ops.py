@@ -274,6 +274,8 @@ def mdf_forward(pred: Tensor, target: Tensor, params: List[Tensor], unit_sizes: 
     rows = 2 * B if target_grad else B
     cdt = params[0].dtype
     if cdt == torch.bfloat16 and pred.dtype != torch.bfloat16:
+        if backend == "cpu" and _bf16_fused_ok(pred.device):
+            return _delta_forward_fused(pred, target, params, unit_sizes, slope, need_grad, target_grad, paper)
         return _delta_forward(pred, target, params, unit_sizes, slope, need_grad, target_grad, paper)
     with torch.no_grad(), _ops.autocast_off(pred.device):  # see _AUTOCAST
         z = torch.cat([pred, target]).to(cdt).contiguous(memory_format=torch.channels_last)  # [2B, 3, H, W]
@@ -379,6 +381,83 @@ def _delta_forward(pred, target, params, unit_sizes, slope, need_grad, target_gr
     return loss, [diffs_head, mask_head] + diffs_body + diffs_tail + masks
 
 
+_BF16_FUSED = [None]  # whether the C++ bfloat16 steps are in the built extension (checked once)
+
+
+def _bf16_fused_ok(device) -> bool:
+    """Whether ``_delta_forward_fused`` / ``_backward_bf16_fused`` can run: a CPU tensor and an
+    extension that has their C++ passes (an older build lacks them: the torch-op path runs)."""
+    if device.type != "cpu":
+        return False
+    if _BF16_FUSED[0] is None:
+        from .. import _ext
+        mod, _ = _ext.load("_C")
+        _BF16_FUSED[0] = mod is not None and all(hasattr(mod, f) for f in ("mdf_bf16_delta_step", "mdf_bf16_grad_step_"))
+    return _BF16_FUSED[0]
+
+
+_EMPTY = torch.empty(0)
+
+
+def _delta_forward_fused(pred, target, params, unit_sizes, slope, need_grad, target_grad, paper):
+    """``_delta_forward`` with the float32 work after each bias-free bfloat16 convolution in one C++
+    pass (``mdf_bf16_delta_step``, csrc/cpu/mdf.cpp): bias, both LeakyReLUs, the difference, the next
+    layer's bfloat16 input [da; a_t], the saved diff and masks, and the float32 reduction of da^2. It
+    gives the same tensors as ``_delta_forward`` bit for bit; only the order of the loss's sums differs."""
+    B, _, H, W = pred.shape
+    cdt, cl = params[0].dtype, torch.channels_last
+    step_op = _ops.cpu("mdf_bf16_delta_step")
+    mask_rows = (2 * B if target_grad else B) if need_grad else 0
+    with torch.no_grad(), _ops.autocast_off(pred.device):
+        p32, t32 = pred.float(), target.float()
+        a = torch.cat([p32 - t32, t32]).to(cdt).contiguous(memory_format=cl)  # [2B, 3, H, W]: [dz; z_t]
+        del p32, t32
+        units, per_channel = _unit_layout(params, unit_sizes)
+        if paper:
+            chan_w = _sum_weights(units, params[0].shape[0], pred.device, cdt)
+        else:
+            chan_w = _chan_weights(units, per_channel, _spatial(H, W), pred.device, cdt)
+        losses, masks, diffs_body, diffs_tail = [], [], [], []
+
+        def step(a, i, groups, w, save, splits=()):
+            u = F.conv2d(a, params[i], None, groups=groups)                      # [du; u_t - b], bfloat16
+            nxt, da, mask, loss = step_op(u, params[i + 1], slope, B, _EMPTY if w is None else w,
+                                          need_grad and save, mask_rows, list(splits))
+            if w is not None:
+                losses.append(loss)
+            return (nxt if splits else nxt[0]), (da if need_grad and save else None), (mask if need_grad else None)
+
+        # the head's next input comes split per unit: [2B, kN, H-2, W-2] each, dense
+        heads, diffs_head, mask_head = step(a, 0, 1, chan_w[0], True, [k * n for k, n in units])
+        del a
+        wi = 1
+        for u, (k, n) in enumerate(units):
+            a = heads[u]
+            heads[u] = None
+            for j in range(3):
+                i = 2 + 8 * u + 2 * j
+                if paper:
+                    a, da, m = step(a, i, k, chan_w[wi], True)
+                    wi += 1
+                    diffs_body.append(da)
+                elif j == 2:
+                    a, da, m = step(a, i, k, chan_w[1 + u], True)
+                    diffs_body.append(da)
+                else:
+                    a, _, m = step(a, i, k, None, False)
+                masks.append(m)
+            if not paper:
+                dt = F.conv2d(a[:B], params[8 + 8 * u], None, groups=k)          # tail difference (linear)
+                diffs_tail.append(dt.contiguous(memory_format=_sample_layout(dt)))
+            del a
+        if diffs_tail:  # the published tail term: mean over the tail map, every tail in one call
+            losses.append(_ops.cpu("mdf_bf16_sqsum")(diffs_tail, [1.0 / ((H - 10) * (W - 10))] * len(diffs_tail)))
+        loss = torch.stack(losses).sum(0)
+    if not need_grad:
+        return loss, []
+    return loss, [diffs_head, mask_head] + diffs_body + diffs_tail + masks
+
+
 @mdf_forward.register_fake
 def _(pred, target, params, unit_sizes, slope, need_grad, target_grad, backend, paper):
     B, _, H, W = pred.shape
@@ -426,6 +505,9 @@ def mdf_backward(grad: Tensor, saved: List[Tensor], params: List[Tensor], unit_s
     else:
         chan_w = _chan_weights(units, per_channel, _spatial(d_head.shape[2] + 2, d_head.shape[3] + 2),
                                d_head.device, d_head.dtype)
+    if d_head.dtype == torch.bfloat16 and backend == "cpu" and _bf16_fused_ok(d_head.device):
+        gz = _backward_bf16_fused(grad, diffs, masks, mask_head, params, units, chan_w, slope, need_target, paper)
+        return _split_input_grads(gz, B, need_pred, need_target)
     with torch.no_grad(), _ops.autocast_off(grad.device):
         g_feats = mdf_sqdiff_backward(grad, diffs, chan_w, backend)        # [B, ...] each
         if need_target:
@@ -454,10 +536,60 @@ def mdf_backward(grad: Tensor, saved: List[Tensor], params: List[Tensor], unit_s
             start += k * n
         gh = impl.lrelu_backward_(gh, mask_head, slope)
         gz = F.conv_transpose2d(gh, params[0])                              # [rows, 3, H, W]
+    return _split_input_grads(gz, B, need_pred, need_target)
+
+
+def _split_input_grads(gz, B, need_pred, need_target):
     empty = gz.new_empty((0,))
     gp = gz[:B].clone() if need_pred and need_target else (gz if need_pred else empty)
     gt = gz[B:] if need_target else empty
     return gp, gt
+
+
+def _backward_bf16_fused(grad, diffs, masks, mask_head, params, units, chan_w, slope, need_target, paper):
+    """``mdf_backward``'s body in bfloat16 on the CPU with each LeakyReLU's backward, the addition of
+    a feature's own term ``2 grad[b] w[c] diff`` and the target rows' negation in one C++ pass
+    (``mdf_bf16_grad_step_``, float32 inside, rounded once), written straight into its slice of the
+    head's gradient; the transposed convolutions as before. Returns the gradient of [pred; target]
+    (rows B or 2B)."""
+    step_ = _ops.cpu("mdf_bf16_grad_step_")
+    U = len(units)
+    d_head = diffs[0]
+    B = d_head.shape[0]
+    rows = mask_head.shape[0]
+    with torch.no_grad(), _ops.autocast_off(grad.device):
+        grad32 = grad.reshape(-1).float()
+        gh = torch.empty((rows,) + tuple(d_head.shape[1:]), dtype=d_head.dtype, device=d_head.device,
+                         memory_format=torch.channels_last)
+        if not paper:  # the tail maps' gradients 2 grad[b] w d, in one call ([g; -g] for the target rows)
+            g_tails = mdf_sqdiff_backward(grad, list(diffs[1 + U:]), list(chan_w[1 + U:]), "cpu")
+            g_tails = [torch.cat([g, -g]) for g in g_tails] if need_target else g_tails
+        start = 0
+        for u, (k, n) in enumerate(units):
+            w1, _, w2, _, w3, _, wt, _ = params[2 + 8 * u: 10 + 8 * u]
+            m1, m2, m3 = masks[3 * u: 3 * u + 3]
+            if paper:
+                d1, d2, d3 = diffs[1 + 3 * u: 4 + 3 * u]
+                w_1, w_2, w_3 = chan_w[1 + 3 * u: 4 + 3 * u]
+                g = torch.empty_like(m3, dtype=d3.dtype)
+                step_(g, _EMPTY, d3, m3, grad32, w_3, slope)
+                g = F.conv_transpose2d(g, w3, groups=k)
+                step_(g, g, d2, m2, grad32, w_2, slope)
+                g = F.conv_transpose2d(g, w2, groups=k)
+                step_(g, g, d1, m1, grad32, w_1, slope)
+            else:
+                gt_ = g_tails[u]
+                g = F.conv_transpose2d(gt_, wt, groups=k)                   # [rows, kN, H-8, W-8]
+                step_(g, g, diffs[1 + u], m3, grad32, chan_w[1 + u], slope)
+                g = F.conv_transpose2d(g, w3, groups=k)
+                step_(g, g, _EMPTY, m2, grad32, _EMPTY, slope)
+                g = F.conv_transpose2d(g, w2, groups=k)
+                step_(g, g, _EMPTY, m1, grad32, _EMPTY, slope)
+            sl = slice(start, start + k * n)
+            step_(gh[:, sl], F.conv_transpose2d(g, w1, groups=k), d_head[:, sl], mask_head[:, sl], grad32,
+                  chan_w[0][sl], slope)
+            start += k * n
+        return F.conv_transpose2d(gh, params[0])                            # [rows, 3, H, W]
 
 
 @mdf_backward.register_fake
