@@ -314,6 +314,65 @@ inline void delta_pixel(const uint16_t* __restrict du, const uint16_t* __restric
   }
 }
 
+// The hot loops below are compiled for AVX-512 (x86-64-v4), AVX2 and the build's baseline, and the
+// best one the CPU runs is picked at load time (GCC's target_clones, an ifunc); elsewhere, baseline.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define FASTLOSS_MDF_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define FASTLOSS_MDF_CLONES
+#endif
+
+// The pixels [p0, p1) of one sample pair for one channel segment [c0, c0 + cj) of C.
+struct DeltaSeg {
+  const uint16_t* du;  // u's pred-difference row, at channel c0
+  const uint16_t* uu;  // u's target row
+  const float* bias;
+  uint16_t* nd;        // next[j]'s rows (pixel stride cj)
+  uint16_t* nt;
+  uint16_t* dd;        // da (pixel stride C) or null
+  uint8_t* mp;         // masks (pixel stride C) or null
+  uint8_t* mt;
+  float* acc;
+};
+
+FASTLOSS_MDF_CLONES
+void delta_pixels(const DeltaSeg& g, int64_t p0, int64_t p1, int64_t C, int64_t cj, float s) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t e = p * C, o = p * cj;
+    if (g.dd != nullptr && g.mt != nullptr) {
+      delta_pixel<true, true, true>(g.du + e, g.uu + e, g.bias, g.nd + o, g.nt + o, g.dd + e, g.mp + e, g.mt + e, g.acc, cj, s);
+    } else if (g.dd != nullptr && g.mp != nullptr) {
+      delta_pixel<true, true, false>(g.du + e, g.uu + e, g.bias, g.nd + o, g.nt + o, g.dd + e, g.mp + e, nullptr, g.acc, cj, s);
+    } else if (g.mt != nullptr) {
+      delta_pixel<false, true, true>(g.du + e, g.uu + e, g.bias, g.nd + o, g.nt + o, nullptr, g.mp + e, g.mt + e, g.acc, cj, s);
+    } else if (g.mp != nullptr) {
+      delta_pixel<false, true, false>(g.du + e, g.uu + e, g.bias, g.nd + o, g.nt + o, nullptr, g.mp + e, nullptr, g.acc, cj, s);
+    } else if (g.dd != nullptr) {
+      delta_pixel<true, false, false>(g.du + e, g.uu + e, g.bias, g.nd + o, g.nt + o, g.dd + e, nullptr, nullptr, g.acc, cj, s);
+    } else {
+      delta_pixel<false, false, false>(g.du + e, g.uu + e, g.bias, g.nd + o, g.nt + o, nullptr, nullptr, nullptr, g.acc, cj, s);
+    }
+  }
+}
+
+// One pixel row of mdf_bf16_grad_step_: W pixels of C channels, strides in elements.
+FASTLOSS_MDF_CLONES
+void grad_row(uint16_t* o, int64_t os, const uint8_t* m, int64_t ms, const uint16_t* gr, int64_t gs, const uint16_t* dr,
+              int64_t ds, const float* gw, int64_t W, int64_t C, float s, float rest) {
+  for (int64_t x = 0; x < W; ++x, o += os, m += ms, gr += gr != nullptr ? gs : 0, dr += dr != nullptr ? ds : 0) {
+    if (gr != nullptr && dr != nullptr) {
+      for (int64_t c = 0; c < C; ++c)
+        o[c] = f32_to_bf16((bf16_to_f32(gr[c]) + gw[c] * bf16_to_f32(dr[c])) * (s + rest * m[c]));
+    } else if (gr != nullptr) {
+      for (int64_t c = 0; c < C; ++c) o[c] = f32_to_bf16(bf16_to_f32(gr[c]) * (s + rest * m[c]));
+    } else if (dr != nullptr) {
+      for (int64_t c = 0; c < C; ++c) o[c] = f32_to_bf16(gw[c] * bf16_to_f32(dr[c]) * (s + rest * m[c]));
+    } else {
+      for (int64_t c = 0; c < C; ++c) o[c] = 0;
+    }
+  }
+}
+
 }  // namespace
 
 // u [2B, C, h, w] bfloat16 (the bias-free convolution of [a_p - a_t; a_t]), bias [C] float32:
@@ -374,30 +433,13 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> mdf_bf16
       const int64_t op_ = b * n, ot = (batch + b) * n;  // pred-difference and target rows
       std::fill(acc.begin(), acc.end(), 0.0f);
       float* a = acc.data();
-      for (int64_t e = e0; e < e1; e += C) for (size_t j = 0; j < splits.size(); ++j) {
-        const int64_t cj = splits[j], o = e + c0s[j], pj = (e / C) * cj;  // pj: the pixel in next[j]
-        uint16_t* dd = dap != nullptr ? dap + op_ + o : nullptr;
-        uint8_t* mp = mk != nullptr ? mk + op_ + o : nullptr;
-        uint8_t* mt = mask_t ? mk + ot + o : nullptr;
-        const uint16_t* du = up_ + op_ + o;
-        const uint16_t* uu = up_ + ot + o;
-        uint16_t* nd = nxs[j] + b * cj * P + pj;
-        uint16_t* nt = nxs[j] + (batch + b) * cj * P + pj;
-        const float* bj = bp + c0s[j];
-        float* aj = a + c0s[j];
-        if (dd != nullptr && mt != nullptr) {
-          delta_pixel<true, true, true>(du, uu, bj, nd, nt, dd, mp, mt, aj, cj, s);
-        } else if (dd != nullptr && mp != nullptr) {
-          delta_pixel<true, true, false>(du, uu, bj, nd, nt, dd, mp, mt, aj, cj, s);
-        } else if (mt != nullptr) {
-          delta_pixel<false, true, true>(du, uu, bj, nd, nt, dd, mp, mt, aj, cj, s);
-        } else if (mp != nullptr) {
-          delta_pixel<false, true, false>(du, uu, bj, nd, nt, dd, mp, mt, aj, cj, s);
-        } else if (dd != nullptr) {
-          delta_pixel<true, false, false>(du, uu, bj, nd, nt, dd, mp, mt, aj, cj, s);
-        } else {
-          delta_pixel<false, false, false>(du, uu, bj, nd, nt, dd, mp, mt, aj, cj, s);
-        }
+      const int64_t p0 = e0 / C, p1 = e1 / C;
+      for (size_t j = 0; j < splits.size(); ++j) {
+        const int64_t cj = splits[j], c0j = c0s[j];
+        const DeltaSeg seg{up_ + op_ + c0j, up_ + ot + c0j, bp + c0j, nxs[j] + b * cj * P, nxs[j] + (batch + b) * cj * P,
+                           dap != nullptr ? dap + op_ + c0j : nullptr, mk != nullptr ? mk + op_ + c0j : nullptr,
+                           mask_t ? mk + ot + c0j : nullptr, a + c0j};
+        delta_pixels(seg, p0, p1, C, cj, s);
       }
       double sum = 0.0;
       for (int64_t c = 0; c < C; ++c) sum += static_cast<double>(wp[c]) * static_cast<double>(a[c]);
@@ -514,22 +556,8 @@ void mdf_bf16_grad_step_(at::Tensor& out, const at::Tensor& g, const at::Tensor&
         for (int64_t c = 0; c < C; ++c) gw[c] = f * wp[c];
         cached = r;
       }
-      for (int64_t x = 0; x < W; ++x) {
-        uint16_t* o = op_ + r * os0 + y * os2 + x * os3;
-        const uint8_t* m = mp + r * ms0 + y * ms2 + x * ms3;
-        const uint16_t* gr = has_g ? gp + r * gs0 + y * gs2 + x * gs3 : nullptr;
-        const uint16_t* dr = has_d ? dp + b * ds0 + y * ds2 + x * ds3 : nullptr;
-        if (has_g && has_d) {
-          for (int64_t c = 0; c < C; ++c)
-            o[c] = f32_to_bf16((bf16_to_f32(gr[c]) + gw[c] * bf16_to_f32(dr[c])) * (s + rest * m[c]));
-        } else if (has_g) {
-          for (int64_t c = 0; c < C; ++c) o[c] = f32_to_bf16(bf16_to_f32(gr[c]) * (s + rest * m[c]));
-        } else if (has_d) {
-          for (int64_t c = 0; c < C; ++c) o[c] = f32_to_bf16(gw[c] * bf16_to_f32(dr[c]) * (s + rest * m[c]));
-        } else {
-          for (int64_t c = 0; c < C; ++c) o[c] = 0;
-        }
-      }
+      grad_row(op_ + r * os0 + y * os2, os3, mp + r * ms0 + y * ms2, ms3, has_g ? gp + r * gs0 + y * gs2 : nullptr, gs3,
+               has_d ? dp + b * ds0 + y * ds2 : nullptr, ds3, gw.data(), W, C, s, rest);
     }
   });
 }
