@@ -5,7 +5,7 @@
 Weights default to the published ``Ds_JPEG.pth`` (8 discriminators, widths 32 x 4 and 64 x 4) in
 ``../shared/mdf-official`` (or ``$FASTLOSS_MDF_OFFICIAL``), else the shipped ``jpeg`` set. Providers:
 the published-order reference, the fast path in float32 (one by one and grouped) and with
-``compute_dtype=torch.bfloat16``. Times are medians of ``--reps``
+``compute_dtype=torch.bfloat16`` (with the C++ passes around its convolutions, and with torch ops). Times are medians of ``--reps``
 interleaved runs in one process; peak extra memory is measured in a fresh process per provider.
 Writes the ``mdf`` section of BENCHMARKS.md unless --no-write.
 """
@@ -37,7 +37,39 @@ def providers(weights):
         out["fastloss[cpu, grouped convs]"] = fastloss.MDFLoss(weights, backend="cpu", grouped=True)
         out["fastloss[cpu, bfloat16]"] = fastloss.MDFLoss(weights, backend="cpu", grouped=False,
                                                           compute_dtype=torch.bfloat16)
+        out["fastloss[cpu, bfloat16, torch ops]"] = TorchOpsBF16(out["fastloss[cpu, bfloat16]"])
     return out
+
+
+class TorchOpsBF16:
+    """The bfloat16 fast path with the elementwise work between its convolutions in torch ops
+    (``ops._delta_forward`` and ``mdf_backward``'s own body, the fallback where the extension lacks
+    the C++ passes): what the C++ passes are measured against."""
+
+    def __init__(self, crit):
+        self.crit = crit
+
+    def __call__(self, x, y):
+        from fastloss.mdf import ops
+        saved = ops._BF16_FUSED[0]
+        ops._BF16_FUSED[0] = False
+        try:
+            loss = self.crit(x, y)
+            loss.backward = _unfused_backward(loss.backward, ops)
+            return loss
+        finally:
+            ops._BF16_FUSED[0] = saved
+
+
+def _unfused_backward(backward, ops):
+    def run(*a, **k):
+        saved = ops._BF16_FUSED[0]
+        ops._BF16_FUSED[0] = False
+        try:
+            return backward(*a, **k)
+        finally:
+            ops._BF16_FUSED[0] = saved
+    return run
 
 
 def cpu_bf16_flags():
@@ -122,7 +154,9 @@ def main(argv=None):
         print(f"CPU bfloat16 flags: {have}")
         notes += ["", f"`fastloss[cpu, bfloat16]` is `compute_dtype=torch.bfloat16` (also what `torch.autocast(\"cpu\", "
                   "dtype=torch.bfloat16)` selects): the same convolutions in bfloat16, channels_last, on [pred - target; "
-                  "target], the LeakyReLU steps and reductions in float32. This CPU's bfloat16 flags in /proc/cpuinfo: "
+                  "target], the LeakyReLU steps and reductions in float32, in one C++ pass per layer (forward) and per LeakyReLU "
+                  "(backward); `torch ops` runs those steps as torch ops instead (the fallback where the extension lacks "
+                  "the passes). This CPU's bfloat16 flags in /proc/cpuinfo: "
                   f"{have}. " + ("With AMX-BF16 the goal is 3x the float32 reference. " if flags.get("amx_bf16") else
                                  "Without AMX the bfloat16 convolutions run on AVX512-BF16 dot products (where "
                                  "present), not on tile units, so the issue's 3x goal (stated for AMX) does not apply "
