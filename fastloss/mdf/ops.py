@@ -398,6 +398,52 @@ def _bf16_fused_ok(device) -> bool:
 
 _EMPTY = torch.empty(0)
 
+_MKLDNN_PACKED = [None]  # whether oneDNN's convolutions on prepacked bfloat16 weights work here (checked once)
+_PACKED = None  # weight -> {(transposed, groups): the weight reordered once for oneDNN}, weakly keyed
+
+
+def _mkldnn_packed_ok() -> bool:
+    if _MKLDNN_PACKED[0] is None:
+        ok = False
+        try:
+            m, gen = torch.ops.mkldnn, torch.Generator().manual_seed(0)  # not the global generator: users seed it
+            x = torch.randn(2, 4, 7, 6, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
+            w = torch.randn(4, 2, 3, 3, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
+            p = m._reorder_convolution_weight(w, [0, 0], [1, 1], [1, 1], 2, list(x.shape))
+            y = m._convolution_pointwise(x, p, None, [0, 0], [1, 1], [1, 1], 2, "none", [], "")
+            pt = m._reorder_convolution_transpose_weight(w, [0, 0], [0, 0], [1, 1], [1, 1], 2, list(x.shape))
+            z = m._convolution_transpose_pointwise(x, pt, None, [0, 0], [0, 0], [1, 1], [1, 1], 2, "none", [], "")
+            ok = bool(torch.allclose(y.float(), F.conv2d(x, w, groups=2).float(), rtol=1e-2, atol=1e-2)
+                      and torch.allclose(z.float(), F.conv_transpose2d(x, w, groups=2).float(), rtol=1e-2, atol=1e-2))
+        except Exception:  # noqa: BLE001 - an optional speed-up; the fallback is the same convolution
+            ok = False
+        _MKLDNN_PACKED[0] = ok
+    return _MKLDNN_PACKED[0]
+
+
+def _conv_bf16(x: Tensor, w: Tensor, groups: int, transposed: bool = False) -> Tensor:
+    """``F.conv2d(x, w, groups=groups)`` (or ``F.conv_transpose2d``), bias-free, unpadded, on the CPU
+    through oneDNN with ``w`` reordered into its blocked layout once and kept (per weight tensor, which
+    MDFLoss caches), instead of once per call; the plain call where that is unavailable."""
+    global _PACKED
+    if not _mkldnn_packed_ok():
+        return F.conv_transpose2d(x, w, groups=groups) if transposed else F.conv2d(x, w, None, groups=groups)
+    if _PACKED is None:
+        from torch.utils.weak import WeakIdKeyDictionary
+        _PACKED = WeakIdKeyDictionary()
+    per = _PACKED.get(w)
+    if per is None:
+        per = _PACKED.setdefault(w, {})
+    m, z = torch.ops.mkldnn, [0, 0]
+    packed = per.get((transposed, groups))
+    if packed is None:
+        packed = (m._reorder_convolution_transpose_weight(w, z, z, [1, 1], [1, 1], groups, list(x.shape)) if transposed
+                  else m._reorder_convolution_weight(w, z, [1, 1], [1, 1], groups, list(x.shape)))
+        per[(transposed, groups)] = packed
+    if transposed:
+        return m._convolution_transpose_pointwise(x, packed, None, z, z, [1, 1], [1, 1], groups, "none", [], "")
+    return m._convolution_pointwise(x, packed, None, z, [1, 1], [1, 1], groups, "none", [], "")
+
 
 def _delta_forward_fused(pred, target, params, unit_sizes, slope, need_grad, target_grad, paper):
     """``_delta_forward`` with the float32 work after each bias-free bfloat16 convolution in one C++
@@ -420,7 +466,7 @@ def _delta_forward_fused(pred, target, params, unit_sizes, slope, need_grad, tar
         losses, masks, diffs_body, diffs_tail = [], [], [], []
 
         def step(a, i, groups, w, save, splits=()):
-            u = F.conv2d(a, params[i], None, groups=groups)                      # [du; u_t - b], bfloat16
+            u = _conv_bf16(a, params[i], groups)                                # [du; u_t - b], bfloat16
             nxt, da, mask, loss = step_op(u, params[i + 1], slope, B, _EMPTY if w is None else w,
                                           need_grad and save, mask_rows, list(splits))
             if w is not None:
@@ -447,7 +493,7 @@ def _delta_forward_fused(pred, target, params, unit_sizes, slope, need_grad, tar
                     a, _, m = step(a, i, k, None, False)
                 masks.append(m)
             if not paper:
-                dt = F.conv2d(a[:B], params[8 + 8 * u], None, groups=k)          # tail difference (linear)
+                dt = _conv_bf16(a[:B], params[8 + 8 * u], k)                     # tail difference (linear)
                 diffs_tail.append(dt.contiguous(memory_format=_sample_layout(dt)))
             del a
         if diffs_tail:  # the published tail term: mean over the tail map, every tail in one call
@@ -573,23 +619,23 @@ def _backward_bf16_fused(grad, diffs, masks, mask_head, params, units, chan_w, s
                 w_1, w_2, w_3 = chan_w[1 + 3 * u: 4 + 3 * u]
                 g = torch.empty_like(m3, dtype=d3.dtype)
                 step_(g, _EMPTY, d3, m3, grad32, w_3, slope)
-                g = F.conv_transpose2d(g, w3, groups=k)
+                g = _conv_bf16(g, w3, k, True)
                 step_(g, g, d2, m2, grad32, w_2, slope)
-                g = F.conv_transpose2d(g, w2, groups=k)
+                g = _conv_bf16(g, w2, k, True)
                 step_(g, g, d1, m1, grad32, w_1, slope)
             else:
                 gt_ = g_tails[u]
-                g = F.conv_transpose2d(gt_, wt, groups=k)                   # [rows, kN, H-8, W-8]
+                g = _conv_bf16(gt_, wt, k, True)                   # [rows, kN, H-8, W-8]
                 step_(g, g, diffs[1 + u], m3, grad32, chan_w[1 + u], slope)
-                g = F.conv_transpose2d(g, w3, groups=k)
+                g = _conv_bf16(g, w3, k, True)
                 step_(g, g, _EMPTY, m2, grad32, _EMPTY, slope)
-                g = F.conv_transpose2d(g, w2, groups=k)
+                g = _conv_bf16(g, w2, k, True)
                 step_(g, g, _EMPTY, m1, grad32, _EMPTY, slope)
             sl = slice(start, start + k * n)
-            step_(gh[:, sl], F.conv_transpose2d(g, w1, groups=k), d_head[:, sl], mask_head[:, sl], grad32,
+            step_(gh[:, sl], _conv_bf16(g, w1, k, True), d_head[:, sl], mask_head[:, sl], grad32,
                   chan_w[0][sl], slope)
             start += k * n
-        return F.conv_transpose2d(gh, params[0])                            # [rows, 3, H, W]
+        return _conv_bf16(gh, params[0], 1, True)                            # [rows, 3, H, W]
 
 
 @mdf_backward.register_fake
