@@ -42,8 +42,10 @@ class MDFLoss(nn.Module):
     reductions accumulated in float32, and the rounding is relative to each difference, not to the
     features. The loss and the gradients come back in the input's dtype. Tested against float32:
     the loss within 2e-2, input gradients in norm within 2e-2 (paper) / 6e-2 (published: LeakyReLU
-    kink noise, see tests/mdf/test_mdf_bf16.py). The ``reference`` backend given a compute dtype runs
-    under ``torch.autocast`` in it.
+    kink noise, see tests/mdf/test_mdf_bf16.py). On the ``cpu`` backend the float32 work between the
+    bfloat16 convolutions is one C++ pass per layer, and per LeakyReLU in the backward
+    (csrc/cpu/mdf.cpp), and the convolutions run on weights reordered for oneDNN once. The
+    ``reference`` backend given a compute dtype runs under ``torch.autocast`` in it.
 
     ``input_range``: ``(0, 1)`` (default; the discriminators were trained on images in [0, 1]) or
     ``(-1, 1)``, for images in [-1, 1], which are mapped to [0, 1] by ``(x + 1) / 2`` first (the
