@@ -1,6 +1,6 @@
 """MDF forward+backward: the fast path side by side with the published-order reference.
 
-    python benchmarks/bench_mdf.py [--reps 7] [--shape 4x3x128x128] [--weights PATH] [--no-write]
+    python benchmarks/bench_mdf.py [--reps 7] [--shape 4x3x128x128] [--weights PATH] [--threads N] [--no-write]
 
 Weights default to the published ``Ds_JPEG.pth`` (8 discriminators, widths 32 x 4 and 64 x 4) in
 ``../shared/mdf-official`` (or ``$FASTLOSS_MDF_OFFICIAL``), else the shipped ``jpeg`` set. Providers:
@@ -105,9 +105,15 @@ def main(argv=None):
     ap.add_argument("--weights", default=None, help="a published .pth, a project file or a shipped name")
     ap.add_argument("--reps", type=int, default=7, help="timed runs per provider (median), default 7")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for the timed runs (default: torch's); 1 is steadier on a shared machine")
     args = ap.parse_args(argv)
     if args.reps < 1:
         ap.error("--reps must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     try:
         shape = tuple(int(v) for v in args.shape.split("x"))
         assert len(shape) == 4
