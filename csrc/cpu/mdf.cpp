@@ -316,8 +316,10 @@ inline void delta_pixel(const uint16_t* __restrict du, const uint16_t* __restric
 
 // The hot loops below are compiled for AVX-512 (x86-64-v4), AVX2 and the build's baseline, and the
 // best one the CPU runs is picked at load time (GCC's target_clones, an ifunc); elsewhere, baseline.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && __GNUC__ >= 11
 #define FASTLOSS_MDF_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define FASTLOSS_MDF_CLONES __attribute__((target_clones("avx2", "default")))  // no x86-64-v4 before GCC 11
 #else
 #define FASTLOSS_MDF_CLONES
 #endif
