@@ -27,7 +27,7 @@ class D2SMLoss(nn.Module):
     ``patch_stride`` (as ``Tensor.unfold``: windows that would cross the border are not taken)
     and the patches are the samples: ``patch_scope="batch"`` pools the patches of the batch into
     the queue; ``patch_scope="image"`` takes each image's patches as their own set (the KL of
-    ``d2sm_kl`` over them, no queue) and averages over the images (paper §3.3; see README).
+    ``d2sm_kl`` over them, no queue) and averages over the images (paper §3.3; see docs/d2sm.md).
     ``reduction``: as ``d2sm_kl``. ``extractor_weights``: a path, ``"torchvision"`` (the torch hub
     cache, downloaded there on first use unless ``FASTLOSS_OFFLINE=1``) or ``None`` (random init).
     ``reset()`` empties the queues; ``state_dict()`` carries them. A set of fewer than 3 rows in paper

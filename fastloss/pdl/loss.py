@@ -14,7 +14,7 @@ from .projections import PROJECTIONS, check_rpp, project, projection_matrix
 class PDLLoss(nn.Module):
     """``pixel_weight * mean|u - v| + weight * sum_l w_l * pdl(P_l Phi_l(u), P_l Phi_l(v))``.
 
-    ``root`` and ``normalization`` are passed to ``pdl`` (the paper's conventions; see README).
+    ``root`` and ``normalization`` are passed to ``pdl`` (the paper's conventions; see docs/pdl.md).
     ``pixel_weight`` (default 0: the PDL term alone, the pixel loss configured beside it as trainers
     do) adds the pixel L1 of the paper's Eq. 5 inside the loss; every fastloss loss has it (README,
     "One pixel term").
