@@ -83,6 +83,9 @@ def parse_args(argv):
     ap.add_argument("--precision-check", action="store_true",
                     help="train the denoiser with PDL on a float32 and on a bfloat16 backbone from one seed and "
                          "print the PSNR each reaches on held-out crops")
+    ap.add_argument("--precision-seeds", type=_positive_int, default=2,
+                    help="--precision-check: seeds to train from (default 2; the float32 runs' spread across "
+                         "seeds is the control the bfloat16 difference is read against)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--markdown", default=None, metavar="FILE",
                     help="also write the table, the command, the machine and the chart into FILE "
@@ -131,12 +134,14 @@ def main(argv=None):
                 f"Command: `fastloss-bench {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
                 f"- CPU: {info['cpu']}; torch {info['torch']}; {weights_note}",
                 f"- the bench's DnCNN denoiser (width {args.width}), L1 + PDL ({', '.join(args.layers or PERCEPTUAL_LAYERS)}), "
-                f"{result['steps']} steps from seed {args.seed}, batch {args.batch_size}, crop {args.crop}, "
+                f"{result['steps']} steps from seeds {result['seeds']}, batch {args.batch_size}, crop {args.crop}, "
                 f"sigma {args.sigma}; PSNR on {result['crops']} held-out crops", "",
-                "| backbone | PSNR (dB) |", "|---|---:|",
-                f"| float32 (`pdl-fast`) | {result['pdl-fast']:.3f} |",
-                f"| bfloat16 (`pdl-bf16`) | {result['pdl-bf16']:.3f} |", "",
-                f"Difference: {result['difference_db']:+.3f} dB."])
+                "| seed | float32 backbone (`pdl-fast`), dB | bfloat16 backbone (`pdl-bf16`), dB | difference |",
+                "|---:|---:|---:|---:|",
+                *[f"| {s} | {f:.3f} | {b:.3f} | {b - f:+.3f} |"
+                  for s, f, b in zip(result["seeds"], result["pdl-fast"], result["pdl-bf16"])], "",
+                f"Mean difference {result['mean_difference_db']:+.3f} dB; the float32 runs from different seeds "
+                f"span {result['float32_spread_db']:.3f} dB (the control)."])
             write_markdown_section(args.markdown, "precision", text)
             print(f"wrote the 'precision' section of {args.markdown}")
         with open(os.path.join(args.out, "precision.json"), "w") as f:

@@ -35,11 +35,11 @@ def test_build_loss_unknown_type_or_key_lists_the_valid_ones():
 def test_perceptual_loss_is_the_l1_l2_formula(p):
     torch.manual_seed(0)
     loss = fastloss.PerceptualLoss(layers=("relu1_2", "relu2_2"), layer_weights=(1.0, 0.5), weight=0.1, p=p,
-                                   extractor_weights=None)
+                                   extractor_weights=None, pixel_weight=0.3)
     u, v = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
     fu, fv = loss.vgg(u), loss.vgg(v)
     d = (lambda a, b: (a - b).abs().mean()) if p == 1 else (lambda a, b: ((a - b) ** 2).mean())
-    want = (u - v).abs().mean() + 0.1 * (d(fu["relu1_2"], fv["relu1_2"]) + 0.5 * d(fu["relu2_2"], fv["relu2_2"]))
+    want = 0.3 * (u - v).abs().mean() + 0.1 * (d(fu["relu1_2"], fv["relu1_2"]) + 0.5 * d(fu["relu2_2"], fv["relu2_2"]))
     torch.testing.assert_close(loss(u, v), want)
     with pytest.raises(ValueError, match="PerceptualLoss: restored must have 3 channels"):
         loss(torch.rand(2, 1, 16, 16), v)
