@@ -4,7 +4,11 @@ import json
 import math
 import sys
 
-from .harness import DTYPES, EXIT_PASS, FAST_BACKENDS, cases, run, select
+import torch
+
+from fastloss import _backend
+
+from .harness import DTYPES, EXIT_PASS, FAST_BACKENDS, cases, outside, run, select
 
 
 def _summary():
@@ -33,12 +37,22 @@ def main(argv=None):
     ap.add_argument("--losses", nargs="+", choices=["pdl", "d2sm", "mdf"], help="default: all three")
     ap.add_argument("--shard", type=_shard, default=(1, 1), metavar="K/N", help="run every N-th case from the K-th")
     ap.add_argument("--json", metavar="FILE", help="write every case's result here")
-    ap.add_argument("--list", action="store_true", help="print the case list and exit")
+    ap.add_argument("--list", action="store_true",
+                    help="print each case (dtype in brackets) with the backends that must run it and those it is "
+                         "n/a on, as on --device (default for --list: cuda), and exit without running anything")
     args = ap.parse_args(argv)
     dtypes = [DTYPES[d] for d in args.dtypes] if args.dtypes else None
     if args.list:
+        device = torch.device(args.device or "cuda")
+        print(f"# {'full' if args.full else 'quick'} case list; backends as on {device}: 'runs' must pass there, "
+              f"'n/a' is outside what the backend declares")
+        # the backends that take tensors of this device type (triton on the CPU: under the interpreter)
+        names = [b for b in FAST_BACKENDS if _backend._REGISTRY[b][1].get(device.type)]
         for c in select(cases(args.full), args.shard, dtypes, args.losses):
-            print(c.label)
+            why = {b: outside(c, b, device) for b in names}
+            runs = [b for b in names if why[b] is None]
+            na = "; ".join(f"{b}: {w}" for b, w in why.items() if w is not None)
+            print(f"{c.label:<64} runs: {','.join(runs) or '-'}" + (f"  n/a: {na}" if na else ""))
         return EXIT_PASS
     code, results = run(args.device, args.full, args.backends, dtypes, args.losses, args.shard)
     if args.json:
