@@ -190,22 +190,52 @@ def _prepare(feats, chan_w, samples, op):
 # [M, 4] shape tables on the device, built once per (device, shapes, layouts): a table built from
 # a host list on every call would be a host-to-device copy that waits for the host (and cannot be
 # captured in a CUDA graph). The addresses, which change every call, travel as kernel arguments.
-_TABLES = {}
-_TABLES_MAX = 64
+class _TableCache:
+    """At most ``max_entries`` tables, except those a CUDA graph may read: a graph captured with a
+    launch reads its table's device memory on every replay, so a table used while a stream was
+    capturing is pinned for the life of the process (freed, its memory would go back to the
+    allocator and a replay would read whatever took it). A full cache drops its unpinned tables."""
+
+    def __init__(self, max_entries):
+        self.max_entries = max_entries
+        self.entries = {}
+        self.pinned = set()
+
+    def get(self, key, build, capturing):
+        hit = self.entries.get(key)
+        if hit is None:
+            if len(self.entries) >= self.max_entries:
+                for k in [k for k in self.entries if k not in self.pinned]:
+                    del self.entries[k]
+            hit = self.entries[key] = build()
+        if capturing:
+            self.pinned.add(key)
+        return hit
+
+
+_TABLES = _TableCache(max_entries=64)
+
+
+def _capturing(device):
+    """Whether the current stream of ``device`` is capturing a CUDA graph."""
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def _table(xs, layout, block):
-    key = (xs[0].device, block) + tuple(layout)
-    hit = _TABLES.get(key)
-    if hit is None:
+    """(the [M, 4] int64 table on the device, K chunks) of these shapes; see _TableCache."""
+    device = xs[0].device
+
+    def build():
         rows, first = [], 0
         for n, C, cdiv, _ in layout:
             rows.append([n, C, cdiv, first])
             first += triton.cdiv(n, block)
-        if len(_TABLES) >= _TABLES_MAX:
-            _TABLES.clear()
-        hit = _TABLES[key] = (torch.tensor(rows, dtype=torch.int64, device=xs[0].device), first)  # [M, 4], K
-    return hit
+        return torch.tensor(rows, dtype=torch.int64, device=device), first  # [M, 4], K
+
+    return _TABLES.get((device, block) + tuple(layout), build, _capturing(device))
 
 
 def _like_samples(xs, layout, batch):

@@ -126,7 +126,7 @@ rm -rf "$tmp"
 # 3. pytest in GPU mode: real kernels
 step "pytest -m gpu + device-aware Triton tests" "$T_PYTEST" "$OUT/pytest.txt" \
   "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/common/test_gpu.py tests/pdl/test_pdl_triton.py tests/pdl/test_pdl_triton_n1.py tests/d2sm/test_d2sm_triton.py \
-  tests/common/test_gpu_values.py
+  tests/common/test_gpu_graph.py tests/common/test_gpu_values.py
 
 # 4. op timings on the GPU and a short steps/sec run
 step "benchmarks/gpu_ops.py" "$T_GPU_OPS" "$OUT/bench.txt" "$PY" benchmarks/gpu_ops.py --json "$OUT/bench.json"
