@@ -147,7 +147,8 @@ def bias_leaky_relu_(y, b, slope):
     if total == 0:
         return y
     block = TRITON_BLOCK
-    slope_t = torch.full((1,), float(slope), dtype=acc, device=y.device)  # a fill, no host copy
+    slope_t = _SLOPES.get((float(slope), acc, y.device),  # a fill (no host copy) the first time only
+                          lambda: torch.full((1,), float(slope), dtype=acc, device=y.device), _ops.capturing(y.device))
     with _ops.device_guard(y):
         _bias_lrelu_kernel[(triton.cdiv(total, block),)](y, b.contiguous(), slope_t, total, C, cdiv,
                                                           ACC_DTYPE=_TL_DTYPES[acc], BLOCK=block)
@@ -190,42 +191,14 @@ def _prepare(feats, chan_w, samples, op):
 # [M, 4] shape tables on the device, built once per (device, shapes, layouts): a table built from
 # a host list on every call would be a host-to-device copy that waits for the host (and cannot be
 # captured in a CUDA graph). The addresses, which change every call, travel as kernel arguments.
-class _TableCache:
-    """At most ``max_entries`` tables, except those a CUDA graph may read: a graph captured with a
-    launch reads its table's device memory on every replay, so a table used while a stream was
-    capturing is pinned for the life of the process (freed, its memory would go back to the
-    allocator and a replay would read whatever took it). A full cache drops its unpinned tables."""
-
-    def __init__(self, max_entries):
-        self.max_entries = max_entries
-        self.entries = {}
-        self.pinned = set()
-
-    def get(self, key, build, capturing):
-        hit = self.entries.get(key)
-        if hit is None:
-            if len(self.entries) >= self.max_entries:
-                for k in [k for k in self.entries if k not in self.pinned]:
-                    del self.entries[k]
-            hit = self.entries[key] = build()
-        if capturing:
-            self.pinned.add(key)
-        return hit
-
-
-_TABLES = _TableCache(max_entries=64)
-
-
-def _capturing(device):
-    """Whether the current stream of ``device`` is capturing a CUDA graph."""
-    if device.type != "cuda":
-        return False
-    with torch.cuda.device(device):
-        return torch.cuda.is_current_stream_capturing()
+_TABLES = _ops.DeviceCache(max_entries=64)  # a captured graph's tables are kept (see DeviceCache)
+# the LeakyReLU slope as a one-element tensor per (slope, dtype, device): a fill per call would be
+# one more launch per convolution
+_SLOPES = _ops.DeviceCache(max_entries=64)
 
 
 def _table(xs, layout, block):
-    """(the [M, 4] int64 table on the device, K chunks) of these shapes; see _TableCache."""
+    """(the [M, 4] int64 table on the device, K chunks) of these shapes; see _ops.DeviceCache."""
     device = xs[0].device
 
     def build():
@@ -235,7 +208,18 @@ def _table(xs, layout, block):
             first += triton.cdiv(n, block)
         return torch.tensor(rows, dtype=torch.int64, device=device), first  # [M, 4], K
 
-    return _TABLES.get((device, block) + tuple(layout), build, _capturing(device))
+    return _TABLES.get((device, block) + tuple(layout), build, _ops.capturing(device))
+
+
+# Programs (k, b): the samples go on the grid's second dimension, which CUDA caps at 65535 (the CUDA
+# backend refuses more too); a launch past it would fail with an unhelpful launch error.
+MAX_GRID_SAMPLES = 65535
+
+
+def _check_grid(batch, op):
+    if batch > MAX_GRID_SAMPLES:
+        raise ValueError(f"{op}: {batch} samples in one call, over the {MAX_GRID_SAMPLES} the kernel's grid takes; "
+                         f"split the batch")
 
 
 def _like_samples(xs, layout, batch):
@@ -247,6 +231,7 @@ def _like_samples(xs, layout, batch):
 def mdf_sqdiff_forward(feats, chan_w, batch, save_diff):
     """(loss [B] (float64 for float64 features, else float32), diffs [B, C_m, H_m, W_m] per tensor
     when ``save_diff``, else []); see the module docstring."""
+    _check_grid(batch, "mdf_sqdiff_forward (triton)")
     xs, ws, layout, acc = _prepare(feats, chan_w, 2 * batch, "mdf_sqdiff_forward (triton)")
     block = TRITON_BLOCK
     diffs = _like_samples(xs, layout, batch) if save_diff else []
@@ -261,6 +246,7 @@ def mdf_sqdiff_forward(feats, chan_w, batch, save_diff):
 def mdf_sqdiff_backward(grad, diffs, chan_w):
     """Per tensor, ``grad[b] * 2 w[c] diff[b]`` as [B, C_m, H_m, W_m] in the diffs' dtype and layout."""
     batch = diffs[0].shape[0] if diffs else 0
+    _check_grid(batch, "mdf_sqdiff_backward (triton)")
     xs, ws, layout, acc = _prepare(diffs, chan_w, batch, "mdf_sqdiff_backward (triton)")
     if grad.numel() != batch:
         raise ValueError(f"mdf_sqdiff_backward (triton): grad must have {batch} entries, got {tuple(grad.shape)}")
