@@ -55,9 +55,11 @@ _cudnn_saved = []
 
 
 def use_deterministic(flag=True):
-    """Ask every op for bitwise-reproducible results (``torch.use_deterministic_algorithms(True)``
-    asks the same). On the CPU every fastloss backend is deterministic anyway; on the GPU an op
-    whose fast path would reduce with atomics takes a fixed-order path instead, or refuses.
+    """Ask for bitwise-reproducible results (``torch.use_deterministic_algorithms(True)`` asks
+    the same). fastloss's own kernels change nothing for it: none of them, on any backend,
+    reduces with atomics (each reduces in a fixed order; tests/common/test_dispatch_gpu.py checks
+    the sources), so they give the same bits run to run whether asked or not (the README says
+    where that was checked). What is not fastloss's (cuDNN, cuBLAS) follows torch's settings.
 
     It also sets cuDNN's deterministic mode (``torch.backends.cudnn.deterministic = True``,
     ``benchmark = False``): the convolutions of MDF and of the VGG extractors, forward and

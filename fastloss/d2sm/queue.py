@@ -213,7 +213,8 @@ class D2SMQueue(nn.Module):
 
     The queues hold normalized rows. ``pred_sim`` / ``target_sim`` cache the queue_size x
     queue_size similarities and ``pred_rowsum`` / ``target_rowsum`` each row's sum of them
-    (float64; ``f_hat_i . sum_k f_hat_k``, the row normalizers, kept as running sums): a call
+    (float64 sums of the cached entries themselves, ``sum_k G_ik``, the row normalizers, kept as
+    running sums, and each new row's summed afresh): a call
     computes only its B new rows against the set, writes them into the cache in place, updates
     the running sums by the entries that changed (O(B q)), and runs the fused op over the cached
     matrices. All of these are buffers (``state_dict`` carries them; the fill level travels as

@@ -2,7 +2,6 @@
 (the fused feature extraction, its backward, the fused squared-difference reduction), their
 autograd, and the backend table.
 
-  differences are added to a per-sample vector.
 The fast path (backends ``cpu``, ``triton``, ``cuda``): BatchNorm folded into the convolutions
   once, when the loss is built; pred and target stacked into one batch and run without autograd
   (``fastloss::mdf_forward``); every head in one convolution with 3 input channels and the sum of
@@ -12,6 +11,9 @@ The fast path (backends ``cpu``, ``triton``, ``cuda``): BatchNorm folded into th
   kernel per backend (``csrc/cpu/mdf.cpp``, ``kernels/mdf.py``, ``csrc/cuda/mdf_kernels.cu``),
   whose backward writes the gradient of each feature directly. The backward
   (``fastloss::mdf_backward``) runs the transposed convolutions on the pred half only (and on the
+  target half when the target requires grad), through the LeakyReLU derivatives rebuilt from
+  saved bool masks (``lrelu_backward_``: one in-place C++ pass on CPU tensors with the ``cpu``
+  backend, ``torch.where`` otherwise).
 """
 from __future__ import annotations
 
