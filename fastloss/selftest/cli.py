@@ -32,6 +32,9 @@ def main(argv=None):
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small sizes (the default; what the CPU test suite runs)")
     size.add_argument("--full", action="store_true", help="every regime at full size, and the whole-step cases")
+    ap.add_argument("--huge", action="store_true",
+                    help="add PDL cases of more than 2^31 elements in one tensor (64-bit offsets; CUDA, ~50 GB of "
+                         "GPU memory; run them alone, not beside other shards)")
     ap.add_argument("--backends", nargs="+", choices=FAST_BACKENDS, help="default: every fast backend usable here")
     ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default: all four")
     ap.add_argument("--losses", nargs="+", choices=["pdl", "d2sm", "mdf"], help="default: all three")
@@ -48,13 +51,13 @@ def main(argv=None):
               f"'n/a' is outside what the backend declares")
         # the backends that take tensors of this device type (triton on the CPU: under the interpreter)
         names = [b for b in FAST_BACKENDS if _backend._REGISTRY[b][1].get(device.type)]
-        for c in select(cases(args.full), args.shard, dtypes, args.losses):
+        for c in select(cases(args.full, args.huge), args.shard, dtypes, args.losses):
             why = {b: outside(c, b, device) for b in names}
             runs = [b for b in names if why[b] is None]
             na = "; ".join(f"{b}: {w}" for b, w in why.items() if w is not None)
             print(f"{c.label:<64} runs: {','.join(runs) or '-'}" + (f"  n/a: {na}" if na else ""))
         return EXIT_PASS
-    code, results = run(args.device, args.full, args.backends, dtypes, args.losses, args.shard)
+    code, results = run(args.device, args.full, args.backends, dtypes, args.losses, args.shard, huge=args.huge)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"exit_code": code, "results": [

@@ -154,14 +154,17 @@ class Case:
         return f"{self.name} [{_DTYPE_NAMES[self.dtype]}]"
 
 
-def cases(full=False):
-    """The case list: ``full`` for the GPU acceptance run, else the quick one the CPU suite runs."""
+def cases(full=False, huge=False):
+    """The case list: ``full`` for the GPU acceptance run, else the quick one the CPU suite runs;
+    ``huge`` adds the cases of more than 2^31 elements in one tensor (CUDA, ~50 GB)."""
     # imported here, not at the top: the case files build their cases from this module
-    from . import d2sm, mdf, pdl, steps
+    from . import d2sm, huge as huge_cases, mdf, pdl, steps
 
     out = pdl._pdl_cases(full) + d2sm._d2sm_cases(full) + mdf._mdf_cases(full)
     if full:
         out += steps._whole_step_cases()
+    if huge:
+        out += huge_cases._huge_cases()
     return out
 
 
@@ -274,7 +277,7 @@ def _fmt(v):
 
 
 def run(device=None, full=False, backends=None, dtypes=None, losses=None, shard=(1, 1), out=sys.stdout,
-        case_list=None):
+        case_list=None, huge=False):
     """Run the acceptance cases; return ``(exit code, [Result])``. ``backends=None``: every fast
     backend that can run on ``device``; named backends that cannot run make the exit code 2."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -283,7 +286,7 @@ def run(device=None, full=False, backends=None, dtypes=None, losses=None, shard=
     reasons = {b: _backend.why_not(b, device, torch.float32) for b in names}
     usable = [b for b in names if reasons[b] is None]
     unusable = {b: why for b, why in reasons.items() if why is not None}
-    todo = select(case_list if case_list is not None else cases(full), shard, dtypes, losses)
+    todo = select(case_list if case_list is not None else cases(full, huge), shard, dtypes, losses)
     print(f"fastloss selftest ({'full' if full else 'quick'}, shard {shard[0]}/{shard[1]}: {len(todo)} cases) "
           f"on {device}; backends: {', '.join(usable) or 'none'}", file=out)
     for b, why in unusable.items():

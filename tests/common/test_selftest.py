@@ -390,3 +390,51 @@ def test_list_shows_backends_from_the_table(monkeypatch, capsys):
     monkeypatch.setitem(mdf_ops.IMPLS, "cpu", dataclasses.replace(mdf_ops.IMPLS["cpu"], dtypes=(torch.float64,)))
     after = listing()
     assert len(after) == len(before) and all("n/a: cpu: " in line and "runs: cpu" not in line for line in after)
+
+
+# --------------------------------------------------------------------------- the --huge cases, small
+from fastloss.selftest import huge  # noqa: E402
+
+
+@pytest.mark.parametrize("n", [7, 1031, 4099])
+def test_huge_construction_has_sorted_difference_one(n):
+    """The construction the --huge cases rely on: sort(x) - sort(y) = 1 at every rank, ties and
+    all, checked with torch.sort at sizes where that is cheap; rows use disjoint value ranges."""
+    x, y = huge.constructed(2, 3, n, torch.float16, "cpu")
+    d = torch.sort(x.double(), -1).values - torch.sort(y.double(), -1).values
+    assert torch.equal(d, torch.ones_like(d))
+    assert not torch.equal(torch.sort(x[0, 0]).values, x[0, 0])  # the rows are not already sorted
+    assert x[0, 0].min() > 0 and x[0, 1].max() <= 0
+
+
+def _small_huge(p):
+    return huge._pdl_huge_case(p, n=1031, rows=(2, 3), backends_device_types=("cpu", "cuda"))
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("p", [1, 2])
+def test_huge_case_body_passes_on_cpu_at_a_small_size(p):
+    r = selftest._run_one(_small_huge(p), "cpu", "cpu")
+    assert r.status == "pass", (r.detail, r.errors)
+    assert selftest._run_one(huge._pdl_huge_case(p), "cpu", "cpu").status == "n/a"  # the real size: CUDA only
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("mutant", ["wrapped offsets", "duplicate rank"])
+def test_mutation_the_huge_case_catches_wrong_offsets(monkeypatch, mutant):
+    """A forward that reads row 0's data for row 1 (an offset that wrapped), or a permutation that
+    names one element twice (another left unwritten by the backward), fails the small case."""
+    def wrapped(real, pred, target, *rest):
+        pred = pred.clone()
+        pred[:, 1:] = pred[:, :1]
+        return real(pred, target, *rest)
+
+    def duplicate(real, *args):
+        w, perm, *rest = real(*args)
+        perm = perm.clone()
+        perm[..., 0] = perm[..., 1]
+        return (w, perm, *rest)
+
+    _wrap_forward(monkeypatch, pdl_ops.IMPLS, wrapped if mutant == "wrapped offsets" else duplicate)
+    r = selftest._run_one(_small_huge(1), "cpu", "cpu")
+    assert r.status in ("fail", "error"), (r.detail, r.errors)
