@@ -17,7 +17,6 @@ The fast path (backends ``cpu``, ``triton``, ``cuda``): BatchNorm folded into th
 """
 from __future__ import annotations
 
-import functools
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -213,12 +212,16 @@ def _chan_weights(units, widths_by_head_channel, shapes, device, dtype):
     """Per-channel weights 1 / (C_f H W) of the head tensor and of each unit's body / tail tensors,
     built once per device, dtype and shapes (a tensor built from a host list on every call would be
     a host-to-device copy that waits for the host and cannot be captured in a CUDA graph)."""
-    return list(_chan_weights_cached(tuple(tuple(u) for u in units), tuple(widths_by_head_channel),
-                                     tuple(tuple(s) for s in shapes), device, dtype))
+    key = (tuple(tuple(u) for u in units), tuple(widths_by_head_channel), tuple(tuple(s) for s in shapes),
+           device, dtype)
+    # a DeviceCache, not an LRU: a CUDA graph captured with these weights reads them on every replay
+    return list(_CHAN_WEIGHTS.get(key, lambda: _chan_weights_build(*key), _ops.capturing(torch.device(device))))
 
 
-@functools.lru_cache(maxsize=64)
-def _chan_weights_cached(units, widths_by_head_channel, shapes, device, dtype):
+_CHAN_WEIGHTS = _ops.DeviceCache(max_entries=64)
+
+
+def _chan_weights_build(units, widths_by_head_channel, shapes, device, dtype):
     acc = _acc_dtype(dtype)
     (hh, hw), (bh, bw), (th, tw) = shapes
     head = torch.tensor([1.0 / (n * hh * hw) for n in widths_by_head_channel], dtype=acc, device=device)

@@ -153,3 +153,27 @@ def test_mdf_refuses_more_samples_than_the_grid_takes():
         kmdf.mdf_sqdiff_forward([torch.zeros(2 * (limit + 1), 1, 1, 1)], w, limit + 1, False)
     with pytest.raises(ValueError, match=f"{limit + 1} samples in one call"):
         kmdf.mdf_sqdiff_backward(torch.ones(limit + 1), [torch.zeros(limit + 1, 1, 1, 1)], w)
+
+
+def test_mdf_channel_weights_a_graph_captured_are_kept(monkeypatch):
+    """MDF's per-channel weights (every backend of the fast path) were an LRU of 64: the 65th shape
+    freed the weights a captured graph reads. Now the same DeviceCache policy: pinned when used
+    while capturing."""
+    from fastloss.mdf import ops as mdf_ops
+
+    monkeypatch.setattr(mdf_ops, "_CHAN_WEIGHTS", _ops.DeviceCache(max_entries=4))
+    units, cpu = [(1, 2)], torch.device("cpu")
+
+    def weights(i):
+        return mdf_ops._chan_weights(units, [2, 2], [(5 + i, 5), (3 + i, 3), (1 + i, 1)], cpu, torch.float32)
+
+    _capture_flag(monkeypatch, False)
+    first = weights(0)
+    _capture_flag(monkeypatch, True)
+    captured = weights(0)
+    assert all(a is b for a, b in zip(first, captured))
+    _capture_flag(monkeypatch, False)
+    for i in range(1, 12):
+        weights(i)
+    assert all(a is b for a, b in zip(weights(0), captured))
+    assert torch.equal(captured[0], torch.full((2,), 1 / (2 * 5 * 5)))  # 1 / (C_f H W) of the head

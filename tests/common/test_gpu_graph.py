@@ -6,8 +6,8 @@ partitioning threshold of about 300 segments unless fastloss splits the rows) no
 ``torch.sort`` fallback (N > TRITON_MAX_SORT_N). ``set_sync_debug_mode`` sees only PyTorch's own
 syncs; a capture fails on any. Here a PDL forward + backward at N = 8193 over 303 rows is captured
 on ``cuda`` and ``triton`` and replayed on new data against float64 CPU truth; and a captured
-Triton MDF step is replayed after more shapes than the table cache's bound went through it (a
-dropped table would be read freed). Skipped without CUDA (``gpu`` marker)."""
+MDF step is replayed after more shapes than the device caches' bound went through them (MDF's
+channel weights, Triton's shape tables: a dropped entry would be read freed). Skipped without CUDA (``gpu`` marker)."""
 import pytest
 import torch
 
@@ -64,11 +64,16 @@ def test_pdl_segmented_sort_step_is_captured_and_replays_right(backend, p):
         assert all(e <= TOL[torch.float32] for e in errs.values()), (seed, errs)
 
 
-def test_triton_mdf_replay_after_the_table_cache_churned():
-    from fastloss.kernels import mdf as kmdf
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_mdf_replay_after_the_device_caches_churned(backend):
+    from fastloss.mdf import ops as mdf_ops
 
+    bound = mdf_ops._CHAN_WEIGHTS.max_entries
+    if backend == "triton":
+        from fastloss.kernels import mdf as kmdf
+        bound = max(bound, kmdf._TABLES.max_entries)
     w = selftest.mdf_weights()
-    crit = fastloss.MDFLoss(w, scales=3, backend="triton").cuda()
+    crit = fastloss.MDFLoss(w, scales=3, backend=backend).cuda()
     gen = torch.Generator().manual_seed(0)
     static_x = torch.rand(2, 3, 24, 20, generator=gen).cuda().requires_grad_()
     static_y = torch.rand(2, 3, 24, 20, generator=gen).cuda()
@@ -80,7 +85,7 @@ def test_triton_mdf_replay_after_the_table_cache_churned():
 
     graph, (out, gx) = _capture(step)
     # more distinct shapes than the cache holds, outside the graph
-    for k in range(kmdf._TABLES.max_entries + 8):
+    for k in range(bound + 8):
         crit(torch.rand(1, 3, 11 + k, 13, device="cuda"), torch.rand(1, 3, 11 + k, 13, device="cuda"))
     # allocations that would take a freed table's memory
     junk = [torch.full((64,), -1, dtype=torch.int64, device="cuda") for _ in range(256)]
