@@ -248,12 +248,18 @@ def _spatial(H, W):
 
 
 def _sum_weights(units, heads, device, dtype):
-    """Per-channel weights 1 of the head tensor and of each unit's three block tensors (Eq. 2 sums)."""
+    """Per-channel weights 1 of the head tensor and of each unit's three block tensors (Eq. 2 sums),
+    built once per shape (not a fill per tensor per call), kept like ``_chan_weights``'s."""
+    key = ("sum", tuple(tuple(u) for u in units), heads, device, dtype)
+    return list(_CHAN_WEIGHTS.get(key, lambda: _sum_weights_build(*key[1:]), _ops.capturing(torch.device(device))))
+
+
+def _sum_weights_build(units, heads, device, dtype):
     acc = _acc_dtype(dtype)
     out = [torch.ones((heads,), dtype=acc, device=device)]
     for k, n in units:
         out += [torch.ones((k * n,), dtype=acc, device=device)] * 3
-    return out
+    return tuple(out)
 
 
 # _AUTOCAST: inside the fast path autocast is off: under it some of its convolutions (the fused

@@ -177,3 +177,15 @@ def test_mdf_channel_weights_a_graph_captured_are_kept(monkeypatch):
         weights(i)
     assert all(a is b for a, b in zip(weights(0), captured))
     assert torch.equal(captured[0], torch.full((2,), 1 / (2 * 5 * 5)))  # 1 / (C_f H W) of the head
+
+
+def test_mdf_sum_weights_are_built_once(monkeypatch):
+    """The paper formula's weights of 1 came from a fill per tensor per call; now once per shape."""
+    from fastloss.mdf import ops as mdf_ops
+
+    monkeypatch.setattr(mdf_ops, "_CHAN_WEIGHTS", _ops.DeviceCache(max_entries=4))
+    _capture_flag(monkeypatch, False)
+    calls = [mdf_ops._sum_weights([(1, 2), (2, 3)], 5, torch.device("cpu"), torch.float16) for _ in range(3)]
+    assert all(a is b for call in calls[1:] for a, b in zip(call, calls[0]))
+    assert [t.tolist() for t in calls[0]] == [[1.0] * 5] + [[1.0] * 2] * 3 + [[1.0] * 6] * 3
+    assert all(t.dtype == torch.float32 for t in calls[0])  # the accumulation dtype of float16
