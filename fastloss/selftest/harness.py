@@ -25,9 +25,10 @@ class NotRunnable(Exception):
 
 
 class NotApplicable(Exception):
-    """Raised by a case's ``applies`` hook (never by its ``run``): the case does not apply to this
-    backend or machine (a CUDA-only case on the CPU, cuda:1 with one GPU, determinism the README
-    does not promise). Kept for callers; the harness decides n/a before a case runs (``outside``)."""
+    """Kept for callers; no case raises it. A case that does not apply to a backend or machine (a
+    CUDA-only case on the CPU, cuda:1 with one GPU, determinism the README does not promise) says
+    so through its ``applies`` hook, and the harness decides n/a before it runs (``outside``);
+    raised from a case's ``run`` it is an error like any other exception."""
 
 
 # --------------------------------------------------------------------------- error arithmetic
