@@ -33,7 +33,7 @@ def main(argv=None):
     size.add_argument("--quick", action="store_true", help="small sizes (the default; what the CPU test suite runs)")
     size.add_argument("--full", action="store_true", help="every regime at full size, and the whole-step cases")
     ap.add_argument("--huge", action="store_true",
-                    help="add PDL cases of more than 2^31 elements in one tensor (64-bit offsets; CUDA, ~50 GB of "
+                    help="add PDL and D2SM cases of more than 2^31 elements in one tensor (64-bit offsets; CUDA, ~50 GB of "
                          "GPU memory; run them alone, not beside other shards)")
     ap.add_argument("--backends", nargs="+", choices=FAST_BACKENDS, help="default: every fast backend usable here")
     ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default: all four")

@@ -438,3 +438,33 @@ def test_mutation_the_huge_case_catches_wrong_offsets(monkeypatch, mutant):
     _wrap_forward(monkeypatch, pdl_ops.IMPLS, wrapped if mutant == "wrapped offsets" else duplicate)
     r = selftest._run_one(_small_huge(1), "cpu", "cpu")
     assert r.status in ("fail", "error"), (r.detail, r.errors)
+
+
+@pytest.mark.parametrize("mode", ["paper", "pkt"])
+@pytest.mark.parametrize("q, a", [(8, 3), (37, 18), (301, 150)])
+def test_d2sm_two_clusters_closed_form_equals_the_reference(mode, q, a):
+    """The closed form the --huge D2SM case compares with, against d2sm_reference in float64."""
+    x = torch.zeros(q, 2, dtype=torch.float64)
+    x[:, 0] = 1
+    y = torch.zeros(q, 2, dtype=torch.float64)
+    y[:a, 0] = 1
+    y[a:, 1] = 1
+    ref = float(fastloss.d2sm_reference(x, y, mode=mode, eps=1e-6))
+    assert ref > 1e-6  # something to compare
+    assert huge.d2sm_two_clusters(q, a, mode, 1e-6) == pytest.approx(ref, rel=1e-12)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("mode", ["paper", "pkt"])
+def test_huge_d2sm_case_body_passes_on_cpu_at_a_small_size(mode, monkeypatch):
+    small = huge._d2sm_huge_case(mode, q=301, backends_device_types=("cpu", "cuda"))
+    r = selftest._run_one(small, "cpu", "cpu")
+    assert r.status == "pass", (r.detail, r.errors)
+    assert selftest._run_one(huge._d2sm_huge_case(mode), "cpu", "cpu").status == "n/a"
+
+    def off(real, *args):  # a loss 1e-2 off, as a wrapped offset reading other entries would give
+        loss, *rest = real(*args)
+        return (loss * 1.01, *rest)
+
+    _wrap_forward(monkeypatch, d2sm_ops.IMPLS, off)
+    assert selftest._run_one(small, "cpu", "cpu").status == "fail"
