@@ -90,9 +90,9 @@ def pdl_value_cases(backend):
     bounds = pdl_boundaries()
     ns = sorted({1} | set(bounds) | {t + 1 for t in bounds} | {2 * bounds[-1] + 1})
     out = []
-    for n in ns:
-        for dtype in pdl_ops.IMPLS[backend].dtypes:
-            out += [(n, 2, 3, 1, True, dtype), (n, 2, 3, 2, False, dtype)]
+    for i, n in enumerate(ns):  # p = 1 with the target's gradient, or p = 2 without, in turn (time)
+        for k, dtype in enumerate(pdl_ops.IMPLS[backend].dtypes):
+            out.append((n, 2, 3, 1, True, dtype) if (i + k) % 2 == 0 else (n, 2, 3, 2, False, dtype))
     n_seg = 2 * bounds[-1] + 1
     out.append((n_seg, 3, MANY_ROWS // 3 + 1, 1, True, torch.float32))
     out.append((n_seg, 3, MANY_ROWS // 3 + 1, 2, False, torch.float64))
@@ -265,6 +265,7 @@ def test_case_lists_cover_every_boundary_and_dtype(backend):
     assert _pdl_gaps_of(cases) == []
     for dtype in pdl_ops.IMPLS[backend].dtypes:
         assert {c[0] for c in cases if c[5] == dtype} >= set(pdl_boundaries()), dtype
+        assert {(c[3], c[4]) for c in cases if c[5] == dtype} == {(1, True), (2, False)}, dtype
     assert {c[5] for c in cases} == set(pdl_ops.IMPLS[backend].dtypes)
     qs = {c[0] for c in d2sm_value_cases(backend)}
     for b in d2sm_blocks():
