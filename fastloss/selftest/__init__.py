@@ -15,7 +15,7 @@ is how the Triton and CUDA paths are validated (``scripts/gpu-check.sh`` runs it
   p = 1 and 2, the target with and without grad, four dtypes, three layouts, +-0 ties and NaNs of
   both signs; D2SM set sizes over several Triton blocks in both modes and ``D2SMQueue`` filling and
   wrapping; MDF in four dtypes, grouped or not, channels_last, gradients for pred and target; and,
-  with ``--full``, run-to-run determinism where the README promises it, ``torch.compile``
+  with ``--full``, run-to-run determinism where docs/guarantees.md promises it, ``torch.compile``
   (fullgraph) steps, and on CUDA inputs made on a side stream, ``cuda:1`` while ``cuda:0`` is
   current, a step under ``torch.cuda.set_sync_debug_mode("error")`` and a CUDA-graph capture and
   replay of a training step with each loss.

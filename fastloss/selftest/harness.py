@@ -26,7 +26,7 @@ class NotRunnable(Exception):
 
 class NotApplicable(Exception):
     """Kept for callers; no case raises it. A case that does not apply to a backend or machine (a
-    CUDA-only case on the CPU, cuda:1 with one GPU, determinism the README does not promise) says
+    CUDA-only case on the CPU, cuda:1 with one GPU, determinism docs/guarantees.md does not promise) says
     so through its ``applies`` hook, and the harness decides n/a before it runs (``outside``);
     raised from a case's ``run`` it is an error like any other exception."""
 

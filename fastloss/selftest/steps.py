@@ -57,7 +57,7 @@ def _step(fwd, backend, x, y):
 def _determinism_case(loss):
     def applies(backend, device):
         if loss != "pdl" and backend != "cpu":
-            return f"the README promises bitwise determinism for {loss} on the cpu backend only"
+            return f"docs/guarantees.md promises bitwise determinism for {loss} on the cpu backend only"
         return None
 
     def run(backend, device, chk):
