@@ -2,23 +2,77 @@
 1-D Wasserstein distance it is made of.
 
 The FFT, magnitude / phase and the projection convolutions are PyTorch's (MKL / cuFFT, oneDNN /
-cuDNN); the sort and the L1 of every projected channel are ``fastloss.pdl`` (p = 1, mean over
-positions): the fused sort whose backward keeps an int32 permutation and an int8 sign per element
-instead of torch.sort's int64 indices and a float difference. The projections run in chunks of
-filters, so that only one chunk's projected maps (pred and target) exist at a time.
+cuDNN); the sort and the L1 of every projected channel are the forward of ``fastloss.pdl``'s fused
+op (p = 1, mean over positions; its backend table and dispatch), on every backend.
+
+What the backward keeps (issue 23): for p = 1 the gradient of ``mean_i |sort(a)_i - sort(b)_i|``
+w.r.t. an element of ``a`` is ``sign(d)/N`` of the difference at that element's rank. PDL's op
+keeps the int32 permutation and the int8 sign in rank order (5 bytes per element) and scatters in
+the backward; here the sign is scattered back to each element's own position once, right after
+the forward, and only that int8 map is kept (1 byte per element, and a backward with no gather):
+``_ProjectedSortedL1``. torch.sort keeps int64 indices and the float difference (12 bytes). The
+projections run in chunks of filters, so that only one chunk's projected maps and permutation
+exist at a time, and keep the filters, not their input (see ``_ProjectedSortedL1``).
 """
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from torch.autograd.function import once_differentiable
+
 from .. import _ops
 from ..pdl import ops as pdl_ops
-from ..pdl.ops import pdl
-from .reference import fdl_layer_reference
+from .reference import fdl_layer_reference, sliced_w1_reference
 
 _OP = "fdl"
-# at most this many projected elements (B * filters * positions) per chunk and side: 16 MiB float32
-CHUNK_ELEMENTS = 1 << 22
+# at most this many projected elements (B * filters * positions) per chunk and side: 8 MiB float32
+CHUNK_ELEMENTS = 1 << 21
+
+
+class _ProjectedSortedL1(torch.autograd.Function):
+    """Per sample, ``sum_k (1/N) sum_i |sort(P_k * a)_i - sort(P_k * b)_i|``, shape (B,): the
+    projections (conv2d, no padding, ``stride``) run ``per`` filters at a time, each chunk's sorts
+    by the fused op's forward (``backend``); ``b`` without gradient.
+
+    The backward keeps the filters and one int8 per projected element of ``a``: the sign of the
+    difference at the element's rank, scattered to its own position. Not ``a`` itself, which
+    ``F.conv2d`` would keep for a weight gradient that fixed filters never need: the input gradient
+    of a convolution is the transposed convolution of the output gradient with the filters."""
+
+    @staticmethod
+    def forward(ctx, a, b, filters, stride, backend, per):
+        total = a.new_zeros(a.shape[0])
+        owns = []
+        for start in range(0, filters.shape[0], per):
+            p = filters[start:start + per]
+            pa = F.conv2d(a, p, stride=stride)  # [B, k, h, w]
+            pb = F.conv2d(b, p, stride=stride)
+            ctx.hw = tuple(pa.shape[-2:])
+            pa, pb = pa.flatten(2), pb.flatten(2)  # [B, k, N]
+            pdl_ops.check_inputs(pa, pb, 1, "mean", _OP)
+            w, perm, _, sign = pdl_ops._pdl_forward(pa, pb, 1, False, backend)  # perm int32, sign int8 [B,k,N]
+            total += w.sum(1).to(total.dtype)
+            if ctx.needs_input_grad[0]:
+                owns.append(torch.empty_like(sign).scatter_(-1, perm.long(), sign))  # [B, k, N] int8, a's order
+            del pa, pb, perm, sign
+        ctx.save_for_backward(filters, *owns)
+        ctx.stride, ctx.per, ctx.shape, ctx.dtype = stride, per, a.shape, a.dtype
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        filters, *owns = ctx.saved_tensors
+        if not owns:
+            return None, None, None, None, None, None
+        g = grad.to(ctx.dtype).view(-1, 1, 1)
+        grad_a = None
+        for i, own in enumerate(owns):
+            p = filters[i * ctx.per:(i + 1) * ctx.per]
+            go = (own.to(ctx.dtype) * (g / own.shape[-1])).view(*own.shape[:2], *ctx.hw)  # d loss / d (P * a)
+            ga = torch.nn.grad.conv2d_input(ctx.shape, p, go, stride=ctx.stride)
+            grad_a = ga if grad_a is None else grad_a.add_(ga)
+        return grad_a, None, None, None, None, None
 
 
 def check_map(op, layer, shape, patch_size, stride=1, image=None):
@@ -32,19 +86,16 @@ def check_map(op, layer, shape, patch_size, stride=1, image=None):
 
 def sliced_w1(a: Tensor, b: Tensor, filters: Tensor, stride: int = 1, backend: str = "auto") -> Tensor:
     """``mean over b of (1/K) sum_k (1/N) sum_i |sort(P_k * a)_i - sort(P_k * b)_i|``: the sliced
-    Wasserstein-1 distance of the published code through ``pdl``; ``b`` (target) without autograd."""
+    Wasserstein-1 distance of the published code, the sorts on ``fastloss.pdl``'s fused op (the
+    reference backend: ``torch.sort`` and autograd); ``b`` (target) without autograd."""
     num = filters.shape[0]
     h = (a.shape[-2] - filters.shape[-2]) // stride + 1
     w = (a.shape[-1] - filters.shape[-1]) // stride + 1
     per = max(1, CHUNK_ELEMENTS // max(1, a.shape[0] * h * w))  # filters per chunk
-    total = a.new_zeros(())
-    for start in range(0, num, per):
-        p = filters[start:start + per]
-        pa = F.conv2d(a, p, stride=stride)  # [B, k, h, w]
-        with torch.no_grad():
-            pb = F.conv2d(b, p, stride=stride)
-        total = total + pdl(pa, pb, p=1, backend=backend)  # mean_b sum_k mean_i |.|
-    return total / num
+    name, _ = _ops.select("pdl", pdl_ops.IMPLS, backend, a.device, a.dtype)
+    if pdl_ops.IMPLS[name].formula:
+        return sliced_w1_reference(a, b.detach(), filters, stride).mean()
+    return _ProjectedSortedL1.apply(a, b.detach(), filters, stride, name, per).mean() / num
 
 
 def fdl(pred: Tensor, target: Tensor, filters: Tensor, *, stride: int = 1, phase_weight: float = 1.0,

@@ -78,8 +78,8 @@ def test_gradcheck_fused_path_float64():
     torch.manual_seed(0)
     crit = fastloss.FDLLoss(layers=("a", "b"), extractor=Tiny(torch.float64), channels=(4, 5), num_proj=3,
                             patch_size=3, phase_weight=1.5, backend="cpu").double()
-    u = torch.rand(1, 3, 5, 6, dtype=torch.float64, requires_grad=True)
-    v = torch.rand(1, 3, 5, 6, dtype=torch.float64)
+    u = torch.rand(1, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    v = torch.rand(1, 3, 4, 5, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda x: crit(x, v), (u,), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
@@ -162,9 +162,11 @@ def test_bfloat16_backbone_runs_the_formula_in_float32():
 
 
 @requires_cpu_ext
-def test_fused_path_keeps_no_float_per_projected_element():
-    """What the backward keeps of the sorts: int32 permutations and int8 signs, no float copy of the
-    projected maps (the reference keeps int64 indices and float differences)."""
+def test_fused_path_keeps_one_byte_per_projected_element():
+    """What the backward keeps of the projections and sorts: one int8 per projected element of the
+    prediction (the sign at its own position) and the filters; no permutation, no float copy of the
+    projected maps, not the magnitude / phase maps the convolutions read. The reference keeps int64
+    indices, float differences and the convolutions' inputs."""
     x = torch.randn(2, 3, 10, 10, requires_grad=True)
     y = torch.randn(2, 3, 10, 10)
     filters = torch.randn(6, 3, 5, 5)
@@ -176,9 +178,18 @@ def test_fused_path_keeps_no_float_per_projected_element():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fdl(x, y, filters, backend="cpu")
-    projected = [s for s in saved if len(s[1]) == 3 and s[1][-1] == 36]  # [B, K, N] of the 6 x 6 projections
-    assert projected and {d for d, _ in projected} == {torch.int32, torch.int8}
+    expected = ([(torch.complex64, (2, 3, 10, 10))] * 2  # |X| and angle X keep X (the baseline's share)
+                + [(torch.float32, (6, 3, 5, 5)), (torch.int8, (2, 6, 36))] * 2)
+    assert sorted(map(str, saved)) == sorted(map(str, expected))
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fdl(x, y, filters, backend="reference")
-    assert {d for d, s in saved if len(s) == 3 and s[-1] == 36} >= {torch.int64}
+    assert (torch.int64, (2, 6, 36)) in saved and (torch.float32, (2, 3, 10, 10)) in saved
+
+
+@requires_cpu_ext
+def test_fused_path_without_pred_gradient_keeps_nothing():
+    x, y, filters = torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8), torch.randn(3, 2, 3, 3)
+    torch.testing.assert_close(fdl(x, y, filters, backend="cpu"), fdl(x, y, filters, backend="reference"))
+    with torch.no_grad():
+        torch.testing.assert_close(fdl(x, y, filters, backend="cpu"), fdl(x, y, filters, backend="reference"))
