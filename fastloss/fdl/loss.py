@@ -2,7 +2,6 @@
 import math
 from typing import Optional, Sequence
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 

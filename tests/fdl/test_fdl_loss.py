@@ -74,13 +74,17 @@ def test_pixel_term_and_reference_function():
 
 
 @requires_cpu_ext
-def test_gradcheck_fused_path_float64():
+@pytest.mark.parametrize("fast_mode", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_gradcheck_fused_path_float64(fast_mode):
+    """torch.autograd.gradcheck of the fused path (the one-byte backward and the transposed
+    convolution) in float64; fast_mode checks a random projection of the Jacobian, the full check
+    (every input element perturbed) runs under ``-m slow``."""
     torch.manual_seed(0)
     crit = fastloss.FDLLoss(layers=("a", "b"), extractor=Tiny(torch.float64), channels=(4, 5), num_proj=3,
                             patch_size=3, phase_weight=1.5, backend="cpu").double()
     u = torch.rand(1, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     v = torch.rand(1, 3, 4, 5, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda x: crit(x, v), (u,), eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradcheck(lambda x: crit(x, v), (u,), eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=fast_mode)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -28,7 +28,7 @@ def published(xs, ys, rands, stride=1, phase_weight=1.0, per_proj_mean=True):
     ``per_proj_mean=False`` is a mutant without the 1/num_proj (mean over positions only)."""
     score = []
     for x, y, rand in zip(xs, ys, rands):
-        def once(a, b):
+        def once(a, b, rand=rand):
             pa = F.conv2d(a, rand, stride=stride)
             pa = pa.reshape(pa.shape[0], pa.shape[1], -1)
             pb = F.conv2d(b, rand, stride=stride)
