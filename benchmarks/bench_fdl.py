@@ -6,8 +6,10 @@ backbone-and-FFT baseline, time and peak extra memory side by side.
 
 Every measurement (one forward + backward of ``FDLLoss`` on images of the shape, VGG19 with random
 weights, the published defaults: five layers, 256 projections of 5 x 5, phase weight 1) runs in a
-fresh process, after one untimed call at 80 x 80; the processes of the providers take turns, rep
-after rep, and a row is the median of its reps. Providers: ``baseline`` (VGG19 on both images and
+fresh process, after one untimed call at 80 x 80: the time in ``--reps`` processes per provider,
+the providers taking turns rep after rep (a row is the median), the peak extra memory in one more
+(glibc's mmap threshold fixed at 64 KiB there, so that the resident high-water mark shows the call's
+peak: see ``MEMORY_ENV``). Providers: ``baseline`` (VGG19 on both images and
 the FFT, magnitude and phase of every layer, the projections and sorts left out: what any FDL pays),
 ``reference`` (``backend="reference"``: the published formula), ``fast`` (the fused sort, float32)
 and ``fast-bf16`` (the same, ``compute_dtype=torch.bfloat16``: the backbone in bfloat16). "added" is
@@ -71,9 +73,10 @@ class Baseline(torch.nn.Module):
         return total
 
 
-def measure(provider, shape, num_proj, device):
-    """(seconds, peak extra bytes) of one forward + backward of ``provider`` at ``shape``, in this
-    process (called in a fresh one per measurement)."""
+def measure(provider, shape, num_proj, device, what="time"):
+    """One forward + backward of ``provider`` at ``shape`` in this process (a fresh one per
+    measurement), after an untimed call at 80 x 80: its seconds (``what="time"``) or its peak extra
+    memory in bytes (``"memory"``)."""
     warnings.simplefilter("ignore")
     crit = _criterion(provider, num_proj, device)
     g = torch.Generator().manual_seed(1)
@@ -88,9 +91,31 @@ def measure(provider, shape, num_proj, device):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    if what == "memory":
+        return common.peak_extra_memory(step, device)[1]
     t0 = time.perf_counter()
-    _, peak = common.peak_extra_memory(step, device)
-    return [time.perf_counter() - t0, peak]
+    step()
+    return time.perf_counter() - t0
+
+
+# The memory processes run with glibc's mmap threshold fixed at 64 KiB: glibc otherwise raises it
+# as large blocks are freed (up to 32 MiB), so the warm-up's freed blocks would be reused from the
+# heap and the call's peak would not show in the resident high-water mark. The timing processes
+# run without it: mapping every block costs page faults that a training process does not pay.
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def _in_fresh_process(*args, env=None):
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        return common.measure_in_subprocess("bench_fdl", "measure", *args)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def main(argv=None):
@@ -130,19 +155,18 @@ def main(argv=None):
     memory_kind = "allocated CUDA memory" if args.device.startswith("cuda") else "resident memory"
     rows = []
     for shape in shapes:
-        times, peaks = {p: [] for p in provs}, {p: [] for p in provs}
+        times = {p: [] for p in provs}
         for _ in range(args.reps):  # the providers take turns: machine noise hits them alike
             for p in provs:
-                t, m = common.measure_in_subprocess("bench_fdl", "measure", p, list(shape), args.num_proj, args.device)
-                times[p].append(t)
-                peaks[p].append(m)
+                times[p].append(_in_fresh_process(p, list(shape), args.num_proj, args.device, "time"))
+        mem = {p: _in_fresh_process(p, list(shape), args.num_proj, args.device, "memory", env=MEMORY_ENV)
+               for p in provs}
         med = {p: statistics.median(times[p]) for p in provs}
-        mem = {p: statistics.median(peaks[p]) for p in provs}
         base = mem.get("baseline")
         for p in provs:
             added = None if base is None or p == "baseline" else mem[p] - base
             rows.append({"shape": list(shape), "provider": p, "ms": med[p] * 1e3, "peak_extra_bytes": mem[p],
-                         "added_bytes": added, "times_s": times[p], "peaks_bytes": peaks[p]})
+                         "added_bytes": added, "times_s": times[p]})
         ref = next((r for r in rows[-len(provs):] if r["provider"] == "reference"), None)
         for r in rows[-len(provs):]:
             r["speedup_vs_reference"] = ref["ms"] / r["ms"] if ref else None
@@ -162,17 +186,22 @@ def main(argv=None):
               f"{r['peak_extra_bytes'] / 2**20:.1f}",
               "-" if r["added_bytes"] is None else f"{r['added_bytes'] / 2**20:.1f}",
               "-" if r["added_vs_reference"] is None else f"{r['added_vs_reference']:.0%}") for r in rows]
-    common.write_report(
-        "fdl", f"## FDL: forward + backward, VGG19, {args.num_proj} projections, {args.device}", argv, args.reps,
-        f"one forward+backward ({memory_kind})", info,
-        ["shape (B, C, H, W)", "provider", "ms", "speed-up vs reference", "peak extra MiB", "added over baseline MiB",
-         "added vs reference"], table,
-        ["`baseline` is VGG19 on both images plus the FFT, magnitude and phase of every layer, without the "
-         "projections and sorts; \"added\" is a row's peak minus the baseline's. `reference` is the published "
-         "formula (`torch.sort`, autograd); `fast` the same loss with its sorts on fastloss's fused op; "
-         "`fast-bf16` with the backbone in bfloat16. Targets (issue 23): fast >= 1.6x the reference on a CPU, "
-         "and fast's added memory <= 20% of the reference's."],
-        left=2, write=not args.no_write)
+    cmd = "python benchmarks/bench_fdl.py " + " ".join(argv_given)
+    lines = [f"## FDL: forward + backward, VGG19, {args.num_proj} projections, {args.device}", "",
+             f"Command: `{cmd.strip()}` (each measurement one forward + backward in a fresh process: the time "
+             f"the median of {args.reps} processes per provider, the providers taking turns; the peak extra "
+             f"{memory_kind} in one more process per provider).", ""]
+    lines += common.machine_lines(info) + [""] + common.markdown_table(
+        ["shape (B, C, H, W)", "provider", "ms", "speed-up vs reference", "peak extra MiB",
+         "added over baseline MiB", "added vs reference"], table, left=2)
+    lines += ["", "`baseline` is VGG19 on both images plus the FFT, magnitude and phase of every layer, without "
+              "the projections and sorts; \"added\" is a row's peak minus the baseline's. `reference` is the "
+              "published formula (`torch.sort`, autograd); `fast` the same loss with its sorts on fastloss's fused "
+              "op; `fast-bf16` with the backbone in bfloat16. Targets (issue 23): fast >= 1.6x the reference on a "
+              "CPU, and fast's added memory <= 20% of the reference's."]
+    if not args.no_write:
+        common.write_section("fdl", "\n".join(lines))
+        print(f"wrote the fdl section of {common.BENCHMARKS_MD}")
     return 0
 
 
