@@ -75,12 +75,14 @@ class _ProjectedSortedL1(torch.autograd.Function):
         return grad_a, None, None, None, None, None
 
 
-def check_map(op, layer, shape, patch_size, stride=1, image=None):
-    """A ``patch_size`` x ``patch_size`` filter must fit layer ``layer``'s (H, W) feature map."""
+def check_map(op, layer, shape, patch_size, image=None):
+    """A ``patch_size`` x ``patch_size`` filter must fit the (H, W) feature map of ``layer`` (a
+    layer name, or None for the features an op was given)."""
     h, w = int(shape[-2]), int(shape[-1])
     if h < patch_size or w < patch_size:
         at = f" (images {image[0]} x {image[1]})" if image else ""
-        raise ValueError(f"{op}: patch_size={patch_size} is larger than layer {layer}'s feature map, {h} x {w}{at}; "
+        where = f"layer {layer}'s feature map" if layer is not None else "the feature map"
+        raise ValueError(f"{op}: patch_size={patch_size} is larger than {where}, {h} x {w}{at}; "
                          "use larger images, a smaller patch_size or fewer layers")
 
 
@@ -103,14 +105,21 @@ def fdl(pred: Tensor, target: Tensor, filters: Tensor, *, stride: int = 1, phase
     """One layer's FDL, mean over the batch: ``S(|F pred|, |F target|) + phase_weight * S(angle F pred,
     angle F target)``, ``F`` the 2-D FFT over (H, W), ``S`` the sliced W1 of ``sliced_w1`` with
     ``filters`` (K, C, k, k). ``pred``, ``target``: (B, C, H, W) features; target without autograd.
-    ``backend="reference"`` is the published formula (``torch.sort`` and autograd)."""
+    ``backend="reference"`` is the published formula (``torch.sort`` and autograd). float16 /
+    bfloat16 features are computed in float32; the result is float32 then."""
     _ops.check_pair(_OP, pred, target, min_dim=4, what="be (B, C, H, W)")
     if pred.dim() != 4:
         raise ValueError(f"{_OP}: pred must be (B, C, H, W), got shape {tuple(pred.shape)}")
     if filters.dim() != 4 or filters.shape[1] != pred.shape[1] or filters.shape[-1] != filters.shape[-2]:
         raise ValueError(f"{_OP}: filters must be (K, {pred.shape[1]}, k, k) for features of {pred.shape[1]} "
                          f"channels, got shape {tuple(filters.shape)}")
-    check_map(_OP, "of the features", pred.shape, filters.shape[-1], stride)
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"{_OP}: stride must be an int >= 1, got {stride!r}")
+    if not phase_weight >= 0:
+        raise ValueError(f"{_OP}: phase_weight must be >= 0, got {phase_weight!r}")
+    check_map(_OP, None, pred.shape, filters.shape[-1])
+    if pred.dtype in (torch.float16, torch.bfloat16):  # the formula runs in float32 (FFTs have no half CPU kernels)
+        pred, target = pred.float(), target.float()
     name, _ = _ops.select("pdl", pdl_ops.IMPLS, backend, pred.device, pred.dtype)
     filters = filters.to(pred.dtype)
     if pdl_ops.IMPLS[name].formula:

@@ -90,8 +90,12 @@ def test_op_bad_inputs():
     x = torch.rand(1, 2, 6, 6)
     with pytest.raises(ValueError, match=r"fdl: filters must be \(K, 2, k, k\)"):
         fdl(x, x, torch.rand(3, 4, 3, 3))
-    with pytest.raises(ValueError, match=r"fdl: patch_size=7 is larger than layer of the features's feature map"):
+    with pytest.raises(ValueError, match=r"fdl: patch_size=7 is larger than the feature map, 6 x 6"):
         fdl(x, x, torch.rand(3, 2, 7, 7))
+    with pytest.raises(ValueError, match="fdl: stride must be an int >= 1, got 0"):
+        fdl(x, x, torch.rand(3, 2, 3, 3), stride=0)
+    with pytest.raises(ValueError, match="fdl: phase_weight must be >= 0, got -1"):
+        fdl(x, x, torch.rand(3, 2, 3, 3), phase_weight=-1)
     with pytest.raises(ValueError, match="fdl: pred and target shapes differ"):
         fdl(x, x[..., :5], torch.rand(3, 2, 3, 3))
     with pytest.raises(TypeError, match="fdl: pred must be a floating-point tensor"):

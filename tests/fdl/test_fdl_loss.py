@@ -197,3 +197,14 @@ def test_fused_path_without_pred_gradient_keeps_nothing():
     torch.testing.assert_close(fdl(x, y, filters, backend="cpu"), fdl(x, y, filters, backend="reference"))
     with torch.no_grad():
         torch.testing.assert_close(fdl(x, y, filters, backend="cpu"), fdl(x, y, filters, backend="reference"))
+
+
+@requires_cpu_ext
+def test_half_features_run_the_formula_in_float32():
+    torch.manual_seed(0)
+    x, y, filters = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    for dtype in (torch.bfloat16, torch.float16):
+        xh, yh = x.to(dtype), y.to(dtype)
+        out = fdl(xh, yh, filters, backend="cpu")
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, fdl(xh.float(), yh.float(), filters, backend="reference"))
