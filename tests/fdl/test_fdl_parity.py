@@ -178,3 +178,25 @@ def test_fdl_op_float64_matches_published_formula(backend, shape, k, stride):
     (ref * g).backward()
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", fast_cpu_backends())
+def test_fdl_op_in_chunks_of_filters_matches_published_formula(backend, monkeypatch):
+    """The projections in chunks of 2 filters (7 filters: 2, 2, 2, 1) and the signs scattered one
+    filter at a time give the one-chunk result."""
+    from fastloss.fdl import ops
+
+    monkeypatch.setattr(ops, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(ops, "MIN_CHUNK_FILTERS", 2)
+    monkeypatch.setattr(ops, "SCATTER_FILTERS", 1)
+    torch.manual_seed(6)
+    x = torch.randn(2, 3, 9, 10, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 3, 9, 10, dtype=torch.float64)
+    filters = torch.randn(7, 3, 3, 3, dtype=torch.float64)
+    x2 = x.detach().clone().requires_grad_()
+    out = fdl(x, y, filters, stride=2, phase_weight=0.5, backend=backend)
+    (out * 1.3).backward()
+    ref = published([x2], [y], [filters], stride=2, phase_weight=0.5)
+    (ref * 1.3).backward()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-12)
