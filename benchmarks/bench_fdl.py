@@ -6,7 +6,7 @@ backbone-and-FFT baseline, time and peak extra memory side by side.
 
 Every measurement (one forward + backward of ``FDLLoss`` on images of the shape, VGG19 with random
 weights, the published defaults: five layers, 256 projections of 5 x 5, phase weight 1) runs in a
-fresh process, after one untimed call at 80 x 80: the time in ``--reps`` processes per provider,
+fresh process, after one untimed call at the same shape: the time in ``--reps`` processes per provider,
 the providers taking turns rep after rep (a row is the median), the peak extra memory in one more
 (glibc's mmap threshold fixed at 64 KiB there, so that the resident high-water mark shows the call's
 peak: see ``MEMORY_ENV``). Providers: ``baseline`` (VGG19 on both images and
@@ -75,21 +75,23 @@ class Baseline(torch.nn.Module):
 
 def measure(provider, shape, num_proj, device, what="time"):
     """One forward + backward of ``provider`` at ``shape`` in this process (a fresh one per
-    measurement), after an untimed call at 80 x 80: its seconds (``what="time"``) or its peak extra
-    memory in bytes (``"memory"``)."""
+    measurement), after an untimed one at the same shape: its seconds (``what="time"``) or its peak
+    extra memory in bytes (``"memory"``). The untimed call loads the extension and builds what a
+    training step builds once (oneDNN's primitives for each convolution shape, the cast weights):
+    the measured call is a step of a running training."""
     warnings.simplefilter("ignore")
     crit = _criterion(provider, num_proj, device)
     g = torch.Generator().manual_seed(1)
     u = torch.rand(shape, generator=g).to(device).requires_grad_()
     v = torch.rand(shape, generator=g).to(device)
-    w = torch.rand(1, 3, 80, 80, device=device, requires_grad=True)
-    crit(w, w.detach() * 0.5).backward()  # load the extension, warm the code paths and caches
 
     def step():
         u.grad = None
         crit(u, v).backward()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
+
+    step()
 
     if what == "memory":
         return common.peak_extra_memory(step, device)[1]
@@ -188,7 +190,8 @@ def main(argv=None):
               "-" if r["added_vs_reference"] is None else f"{r['added_vs_reference']:.0%}") for r in rows]
     cmd = "python benchmarks/bench_fdl.py " + " ".join(argv_given)
     lines = [f"## FDL: forward + backward, VGG19, {args.num_proj} projections, {args.device}", "",
-             f"Command: `{cmd.strip()}` (each measurement one forward + backward in a fresh process: the time "
+             f"Command: `{cmd.strip()}` (each measurement one forward + backward in a fresh process, after an "
+             f"untimed one at the same shape: the time "
              f"the median of {args.reps} processes per provider, the providers taking turns; the peak extra "
              f"{memory_kind} in one more process per provider).", ""]
     lines += common.machine_lines(info) + [""] + common.markdown_table(
