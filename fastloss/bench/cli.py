@@ -19,7 +19,7 @@ import sys
 import torch
 
 from .demo import run_demo, run_precision_check
-from .model import CONFIGS, PERCEPTUAL_LAYERS, make_image
+from .model import CONFIGS, OPT_IN, PERCEPTUAL_LAYERS, make_image
 from .report import MARKDOWN_SECTIONS, NO_MATPLOTLIB, bar_chart, format_table, markdown_report, \
     pdl_paper_report, write_markdown_section
 from .run import _load_average, add_ratios, machine_details, result_row, run_round, setup_config
@@ -57,7 +57,9 @@ def _parse_layers(ap, text):
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="fastloss-bench", description=__doc__.split("\n\n")[0],
-                                 epilog="configurations: " + ", ".join(CONFIGS))
+                                 epilog="configurations: " + ", ".join(CONFIGS) + "; 'all' leaves out "
+                                        + ", ".join(OPT_IN) + " (slow on a CPU: name them, e.g. --configs "
+                                        "l1,fdl-ref,fdl-fast)")
     ap.add_argument("--steps", type=_positive_int, default=3,
                     help="timed training steps per configuration and round (default 3)")
     ap.add_argument("--warmup", type=_non_negative_int, default=2, help="untimed steps first (default 2)")
@@ -68,7 +70,8 @@ def parse_args(argv):
     ap.add_argument("--crop", type=_positive_int, default=96, help="crop size in pixels (default 96)")
     ap.add_argument("--width", type=_positive_int, default=32, help="denoiser channels (default 32)")
     ap.add_argument("--sigma", type=float, default=25.0, help="noise std on the 0-255 scale (default 25)")
-    ap.add_argument("--configs", default="all", help="comma-separated subset of: " + ", ".join(CONFIGS))
+    ap.add_argument("--configs", default="all", help="comma-separated subset of: " + ", ".join(CONFIGS)
+                    + f"; default all, which leaves out {', '.join(OPT_IN)}")
     ap.add_argument("--layers", default=",".join(PERCEPTUAL_LAYERS),
                     help="comma-separated VGG16 layers of the L1-perceptual and PDL configurations (default "
                          f"{','.join(PERCEPTUAL_LAYERS)}; the PDL paper's setting is relu4_3, its conv4 features)")
@@ -95,7 +98,7 @@ def parse_args(argv):
                          "the PDL paper's Table I (pixel-only 1.00, L1-perceptual 0.57, PDL 0.57)")
     args = ap.parse_args(argv)
     if args.configs == "all":
-        args.configs = list(CONFIGS)
+        args.configs = [c for c in CONFIGS if c not in OPT_IN]
     else:
         args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
         unknown = [c for c in args.configs if c not in CONFIGS]

@@ -43,7 +43,7 @@ from .. import config
 __all__ = ["register", "NAMES"]
 
 # registry name -> fastloss type name
-NAMES = {"PDLLoss": "PDLLoss", "D2SMLoss": "D2SMLoss", "MDFLoss": "MDFLoss",
+NAMES = {"PDLLoss": "PDLLoss", "D2SMLoss": "D2SMLoss", "MDFLoss": "MDFLoss", "FDLLoss": "FDLLoss",
          "FastlossPerceptualLoss": "PerceptualLoss", "FastlossCombinedLoss": "CombinedLoss"}
 
 

@@ -7,7 +7,8 @@ import fastloss
 
 def test_losses_lists_every_loss():
     assert fastloss.LOSSES == {"PDLLoss": fastloss.PDLLoss, "D2SMLoss": fastloss.D2SMLoss,
-                               "MDFLoss": fastloss.MDFLoss, "PerceptualLoss": fastloss.PerceptualLoss}
+                               "MDFLoss": fastloss.MDFLoss, "FDLLoss": fastloss.FDLLoss,
+                               "PerceptualLoss": fastloss.PerceptualLoss}
 
 
 def test_build_loss_equals_the_class():
@@ -23,7 +24,7 @@ def test_build_loss_equals_the_class():
 
 
 def test_build_loss_unknown_type_or_key_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown type 'PDL'; valid types: D2SMLoss, MDFLoss, PDLLoss, PerceptualLoss"):
+    with pytest.raises(ValueError, match="unknown type 'PDL'; valid types: D2SMLoss, FDLLoss, MDFLoss, PDLLoss, PerceptualLoss"):
         fastloss.build_loss({"type": "PDL"})
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['loss_weight'\] for PDLLoss; valid keys: layers, "):
         fastloss.build_loss({"type": "PDLLoss", "loss_weight": 1.0})

@@ -15,6 +15,7 @@ LOSSES = {
     "PerceptualLoss": lambda **kw: fastloss.PerceptualLoss(layers=("relu2_2", "relu3_3"), extractor_weights=None, **kw),
     "D2SMLoss": lambda **kw: fastloss.D2SMLoss(extractor="vgg16", layer="relu3_3", extractor_weights=None,
                                                queue_size=16, **kw),
+    "FDLLoss": lambda **kw: fastloss.FDLLoss(layers=("relu2_2", "relu3_4"), num_proj=8, extractor_weights=None, **kw),
 }
 
 

@@ -28,6 +28,7 @@ IMAGE_LOSSES = {
     "D2SMLoss": lambda **kw: fastloss.D2SMLoss(extractor_weights=None, extractor="vgg16", layer="relu2_2",
                                                queue_size=8, **kw),
     "MDFLoss": lambda **kw: fastloss.MDFLoss(scales=2, **kw),
+    "FDLLoss": lambda **kw: fastloss.FDLLoss(extractor_weights=None, layers=("relu2_2",), num_proj=4, **kw),
 }
 
 

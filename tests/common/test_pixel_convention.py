@@ -13,6 +13,7 @@ LOSSES = {
     "PerceptualLoss": dict(layers=("relu2_2",), extractor_weights=None),
     "D2SMLoss": dict(extractor="vgg16", layer="relu2_2", extractor_weights=None, queue_size=16),
     "MDFLoss": dict(scales=2),
+    "FDLLoss": dict(layers=("relu1_2", "relu2_2"), num_proj=8, extractor_weights=None),
 }
 
 
