@@ -15,6 +15,7 @@ from .pdl import PDLLoss, pdl, pdl_reference
 from . import mdf
 from .mdf import MDFLoss
 from .d2sm import D2SMLoss, D2SMQueue, d2sm_kl, d2sm_reference
+from .fdl import FDLLoss, fdl, fdl_reference
 
 from .perceptual import PerceptualLoss
 from .combine import CombinedLoss, combine
@@ -27,4 +28,4 @@ __version__ = "0.1.0"
 __all__ = ["BACKENDS", "BackendError", "backends", "use_backend", "use_deterministic", "deterministic", "pdl", "pdl_reference", "PDLLoss",
            "d2sm_kl", "d2sm_reference", "D2SMQueue", "D2SMLoss",
            "__version__"]
-__all__ += ["mdf", "MDFLoss", "PerceptualLoss", "build_loss", "LOSSES", "combine", "CombinedLoss"]
+__all__ += ["FDLLoss", "fdl", "fdl_reference", "mdf", "MDFLoss", "PerceptualLoss", "build_loss", "LOSSES", "combine", "CombinedLoss"]

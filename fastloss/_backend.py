@@ -55,9 +55,11 @@ _cudnn_saved = []
 
 
 def use_deterministic(flag=True):
-    """Ask every op for bitwise-reproducible results (``torch.use_deterministic_algorithms(True)``
-    asks the same). On the CPU every fastloss backend is deterministic anyway; on the GPU an op
-    whose fast path would reduce with atomics takes a fixed-order path instead, or refuses.
+    """Ask for bitwise-reproducible results (``torch.use_deterministic_algorithms(True)`` asks
+    the same). fastloss's own kernels change nothing for it: none of them, on any backend,
+    reduces with atomics (each reduces in a fixed order; tests/common/test_dispatch_gpu.py checks
+    the sources), so they give the same bits run to run whether asked or not (the README says
+    where that was checked). What is not fastloss's (cuDNN, cuBLAS) follows torch's settings.
 
     It also sets cuDNN's deterministic mode (``torch.backends.cudnn.deterministic = True``,
     ``benchmark = False``): the convolutions of MDF and of the VGG extractors, forward and
@@ -112,14 +114,16 @@ def _triton_interpret():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _triton_status():
+def _triton_status(device=None):
     try:
         import triton  # noqa: F401
     except ImportError as e:
         return False, f"triton is not installed ({e})"
     if torch.cuda.is_available() and not _triton_interpret():
-        cap = torch.cuda.get_device_capability()
-        name = torch.cuda.get_device_name()
+        # the GPU the input is on (a machine may mix cards), else the current one
+        gpu = device if device is not None and device.type == "cuda" else None
+        cap = torch.cuda.get_device_capability(gpu)
+        name = torch.cuda.get_device_name(gpu)
         if cap < TRITON_MIN_CAPABILITY:
             return False, (f"{name} has compute capability {cap[0]}.{cap[1]}; fastloss's Triton kernels need "
                            f"{TRITON_MIN_CAPABILITY[0]}.{TRITON_MIN_CAPABILITY[1]} or newer (auto uses cuda or reference)")
@@ -136,11 +140,11 @@ def cpu_kernels():
     return mod.cpu_isa() if mod is not None and hasattr(mod, "cpu_isa") else None
 
 
-def _reference_status():
+def _reference_status(device=None):
     return True, "plain PyTorch"
 
 
-def _cpu_status():
+def _cpu_status(device=None):
     mod, why = _ext.load("_C")
     if mod is None:
         return False, why
@@ -148,7 +152,7 @@ def _cpu_status():
     return True, f"fastloss._C ({mod.compiler}{', OpenMP' if mod.openmp else ''}{isa}; {_ext.origin('_C')})"
 
 
-def _cuda_status():
+def _cuda_status(device=None):
     mod, why = _ext.load("_C_cuda")
     if mod is None:
         return False, why
@@ -169,11 +173,36 @@ _REGISTRY = {
 }
 
 
-def status(name):
-    """``(available, reason)`` of one backend on this machine, whatever the input."""
+# status answers, computed once per key (_status_key): every op call asks, and the answer costs a
+# triton import check, a GPU query and string formatting
+_status_cache = {}
+_EXT_OF = {"cpu": "_C", "cuda": "_C_cuda"}
+
+
+def _status_key(name, device):
+    """What a backend's status depends on, or None where it is not cached (a CUDA device given
+    without an index: the current device, which can change)."""
+    if name == "triton":
+        if device is None or (device.type == "cuda" and device.index is None):
+            return None
+        return name, device.type, device.index, _triton_interpret()
+    if name in _EXT_OF:  # the extension's load result (tests replace it) and, for cuda, a device
+        return name, _ext._cache.get(_EXT_OF[name]), name == "cuda" and torch.cuda.is_available()
+    return (name,)
+
+
+def status(name, device=None):
+    """``(available, reason)`` of one backend on this machine; ``device``: for the GPU the input
+    is on (Triton's compute-capability floor is per card). Cached per device."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r}")
-    return _REGISTRY[name][0]()
+    key = _status_key(name, device)
+    hit = _status_cache.get(key) if key is not None else None
+    if hit is None:
+        hit = _REGISTRY[name][0](device)
+        if key is not None:
+            _status_cache[key] = hit
+    return hit
 
 
 def backends():
@@ -183,7 +212,7 @@ def backends():
 
 def why_not(name, device, dtype, dtypes=FLOAT_DTYPES):
     """Why backend ``name`` cannot run an input on ``device`` of ``dtype``; None if it can."""
-    ok, reason = status(name)
+    ok, reason = status(name, device)
     if not ok:
         return reason
     _, devices, what = _REGISTRY[name]

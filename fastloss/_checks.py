@@ -95,3 +95,19 @@ class RangeCheck:
                           f"[{a}, {b}]; the loss is computed as if they were in [{a}, {b}].{hint} "
                           "(Checked on the first call only; this warning is shown once per loss.)",
                           UserWarning, stacklevel=3)
+
+
+def check_pixel_weight(loss, pixel_weight):
+    """``pixel_weight`` as a float: a finite number >= 0 (the weight of the pixel L1 term)."""
+    if isinstance(pixel_weight, bool) or not isinstance(pixel_weight, (int, float)) \
+            or not pixel_weight >= 0 or pixel_weight == float("inf"):
+        raise ValueError(f"{loss}: pixel_weight must be a finite number >= 0 (the weight of the pixel L1 term, "
+                         f"0 = none), got {pixel_weight!r}")
+    return float(pixel_weight)
+
+
+def pixel_term(pixel_weight, restored, clean):
+    """The one pixel-term convention of every fastloss image loss: ``pixel_weight * mean|restored -
+    clean|`` on images mapped to [0, 1]; nothing (a Python 0.0) when the weight is 0, the default,
+    since trainers configure their pixel loss on its own (BasicSR's ``pixel_opt``)."""
+    return pixel_weight * (restored - clean).abs().mean() if pixel_weight else 0.0

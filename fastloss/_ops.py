@@ -99,6 +99,43 @@ def triton(module: str, fn: str) -> Callable:
     return call
 
 
+# --------------------------------------------------------------------------- device caches
+def capturing(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` is capturing a CUDA graph."""
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+class DeviceCache:
+    """Small device tensors the kernels read (shape tables, scalars), built once per key instead
+    of once per call, at most ``max_entries`` of them, except those a CUDA graph may read: a graph
+    captured with a launch reads that tensor's memory on every replay, so an entry used while the
+    stream was capturing is pinned for the life of the process (freed, its memory would go back
+    to the allocator and a replay would read whatever took it). A full cache drops its unpinned
+    entries. A miss while capturing is built and not cached: its contents would exist only once
+    the graph replays."""
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self.entries = {}
+        self.pinned = set()
+
+    def get(self, key, build: Callable, capturing: bool):
+        hit = self.entries.get(key)
+        if hit is None:
+            if capturing:
+                return build()
+            if len(self.entries) >= self.max_entries:
+                for k in [k for k in self.entries if k not in self.pinned]:
+                    del self.entries[k]
+            hit = self.entries[key] = build()
+        if capturing:
+            self.pinned.add(key)
+        return hit
+
+
 # --------------------------------------------------------------------------- shared helpers
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulation dtype of the kernels: float64 for float64, float32 otherwise."""

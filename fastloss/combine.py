@@ -4,8 +4,10 @@ Training frameworks run one frozen-backbone pass per loss: an L1-perceptual loss
 same VGG16 pay for two forward passes of the prediction, two of the target and two backward
 passes. ``combine`` runs each distinct extractor once on the prediction (with autograd) and once
 on the target (without), for the union of the layers its losses need, and hands every loss its
-layers; the pixel term is counted once. The value and the gradient are those of the sum of the
-separate losses (float32 rounding), the pixel term once.
+layers. The value and the gradient are those of the sum of the separate losses (float32 rounding),
+with the pixel term counted once: every fastloss loss has ``pixel_weight`` (default 0, README "One
+pixel term"); losses that carry one must carry the same weight (else ``ValueError``), and the
+combination adds ``pixel_weight * mean|u - v|`` once, however many carry it.
 
 Extractors are the same when they compute the same features: two ``VGG`` of one architecture,
 normalization, compute dtype and layout whose weights are equal (compared once, here), or one
@@ -39,21 +41,21 @@ class CombinedLoss(nn.Module):
                 raise TypeError(f"fastloss.combine: argument {i} must be a loss module (an nn.Module such as "
                                 f"fastloss.PDLLoss), got {type(loss).__name__}")
         self.losses = nn.ModuleList(losses)
-        pixel = {float(getattr(loss, "pixel_weight", 0.0)) for loss in losses if getattr(loss, "pixel_weight", 0.0)}
-        if len(pixel) > 1:
-            raise ValueError(f"fastloss.combine: the losses carry pixel terms of different weights {sorted(pixel)}; "
+        # one pixel term (README, "One pixel term"): every loss carrying one carries the same weight,
+        # and one of them adds it: a loss that runs on its own (its forward adds its own), else the
+        # first that shares a pass (from the images its pass prepared)
+        carriers = [i for i, loss in enumerate(losses) if getattr(loss, "pixel_weight", 0.0)]
+        weights = sorted({float(losses[i].pixel_weight) for i in carriers})
+        if len(weights) > 1:
+            raise ValueError(f"fastloss.combine: the losses carry pixel terms of different weights {weights}; "
                              "a combination counts one pixel term: give it to one loss (pixel_weight=...) and "
                              "set pixel_weight=0 on the others")
-        self.pixel_weight = pixel.pop() if pixel else 0.0
-        self._pixel_from = next((i for i, loss in enumerate(losses) if getattr(loss, "pixel_weight", 0.0)), None)
+        self.pixel_weight = weights[0] if weights else 0.0
         self._groups: List[dict] = []   # one per distinct extractor: members, union extractor
         self._alone: List[int] = []     # losses that run on their own
         for i, loss in enumerate(losses):
             sp = loss.shared_pass() if all(hasattr(loss, h) for h in _HOOKS) else None
             if sp is None:
-                if getattr(loss, "pixel_weight", 0.0):
-                    raise ValueError(f"fastloss.combine: {type(loss).__name__} carries a pixel term but does not "
-                                     "share its backbone; set its pixel_weight=0 and give the pixel term to another")
                 self._alone.append(i)
                 continue
             group = next((g for g in self._groups if self._same(g, sp)), None)
@@ -63,6 +65,14 @@ class CombinedLoss(nn.Module):
             group["members"].append(i)
             group["extractors"].append(sp.extractor)
             group["layers"] += sp.layers
+        alone_carriers = [i for i in carriers if i in self._alone]
+        if len(alone_carriers) > 1:
+            names = [type(losses[i]).__name__ for i in alone_carriers]
+            raise ValueError(f"fastloss.combine: {names} each run on their own pass and add their own pixel term, "
+                             "which would count it twice: set pixel_weight=0 on all but one")
+        self._pixel_from = None  # the sharing loss whose pass adds the pixel term
+        if carriers and not alone_carriers:
+            self._pixel_from = carriers[0]
         self.extractors = nn.ModuleList()  # the union extractors (their modules are the losses' own)
         for g in self._groups:
             first, layers = g["pass"], g["layers"]

@@ -8,10 +8,11 @@ from .perceptual import PerceptualLoss
 
 def _losses():
     from .d2sm import D2SMLoss
+    from .fdl import FDLLoss
     from .mdf import MDFLoss
     from .pdl import PDLLoss
 
-    return {"PDLLoss": PDLLoss, "D2SMLoss": D2SMLoss, "MDFLoss": MDFLoss, "PerceptualLoss": PerceptualLoss}
+    return {"PDLLoss": PDLLoss, "D2SMLoss": D2SMLoss, "MDFLoss": MDFLoss, "FDLLoss": FDLLoss, "PerceptualLoss": PerceptualLoss}
 
 
 def build_loss(cfg):

@@ -43,6 +43,7 @@ __all__ = ["d2sm_forward", "TRITON_BLOCK_Q"]
 
 # Columns per block of both kernels' loops.
 TRITON_BLOCK_Q = 1024
+_EPS = _ops.DeviceCache(max_entries=64)  # eps as a one-element tensor per (eps, dtype, device)
 
 
 @triton.jit
@@ -206,7 +207,8 @@ def d2sm_forward(sp, st, dots_p, dots_t, rows, paper, eps, q_live=None):
     dtype, dev = sp.dtype, sp.device
     sp, st = _unit_row_stride(sp), _unit_row_stride(st)
     dots_p, dots_t, rows = dots_p.contiguous(), dots_t.contiguous(), rows.contiguous()
-    eps_t = torch.full((1,), eps, dtype=dtype, device=dev)
+    eps_t = _EPS.get((float(eps), dtype, dev), lambda: torch.full((1,), eps, dtype=dtype, device=dev),
+                     _ops.capturing(dev))  # a fill (one more launch) the first time only
     inv_p = torch.empty(q, dtype=torch.float64, device=dev)     # [q] 1 / R'_i
     inv_t = torch.empty(q, dtype=torch.float64, device=dev)     # [q] 1 / R_i
     c = torch.empty(q, dtype=torch.float64, device=dev)         # [q] scale * sum_j a_ij P_ij

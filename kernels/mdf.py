@@ -147,7 +147,8 @@ def bias_leaky_relu_(y, b, slope):
     if total == 0:
         return y
     block = TRITON_BLOCK
-    slope_t = torch.full((1,), float(slope), dtype=acc, device=y.device)  # a fill, no host copy
+    slope_t = _SLOPES.get((float(slope), acc, y.device),  # a fill (no host copy) the first time only
+                          lambda: torch.full((1,), float(slope), dtype=acc, device=y.device), _ops.capturing(y.device))
     with _ops.device_guard(y):
         _bias_lrelu_kernel[(triton.cdiv(total, block),)](y, b.contiguous(), slope_t, total, C, cdiv,
                                                           ACC_DTYPE=_TL_DTYPES[acc], BLOCK=block)
@@ -190,22 +191,35 @@ def _prepare(feats, chan_w, samples, op):
 # [M, 4] shape tables on the device, built once per (device, shapes, layouts): a table built from
 # a host list on every call would be a host-to-device copy that waits for the host (and cannot be
 # captured in a CUDA graph). The addresses, which change every call, travel as kernel arguments.
-_TABLES = {}
-_TABLES_MAX = 64
+_TABLES = _ops.DeviceCache(max_entries=64)  # a captured graph's tables are kept (see DeviceCache)
+# the LeakyReLU slope as a one-element tensor per (slope, dtype, device): a fill per call would be
+# one more launch per convolution
+_SLOPES = _ops.DeviceCache(max_entries=64)
 
 
 def _table(xs, layout, block):
-    key = (xs[0].device, block) + tuple(layout)
-    hit = _TABLES.get(key)
-    if hit is None:
+    """(the [M, 4] int64 table on the device, K chunks) of these shapes; see _ops.DeviceCache."""
+    device = xs[0].device
+
+    def build():
         rows, first = [], 0
         for n, C, cdiv, _ in layout:
             rows.append([n, C, cdiv, first])
             first += triton.cdiv(n, block)
-        if len(_TABLES) >= _TABLES_MAX:
-            _TABLES.clear()
-        hit = _TABLES[key] = (torch.tensor(rows, dtype=torch.int64, device=xs[0].device), first)  # [M, 4], K
-    return hit
+        return torch.tensor(rows, dtype=torch.int64, device=device), first  # [M, 4], K
+
+    return _TABLES.get((device, block) + tuple(layout), build, _ops.capturing(device))
+
+
+# Programs (k, b): the samples go on the grid's second dimension, which CUDA caps at 65535 (the CUDA
+# backend refuses more too); a launch past it would fail with an unhelpful launch error.
+MAX_GRID_SAMPLES = 65535
+
+
+def _check_grid(batch, op):
+    if batch > MAX_GRID_SAMPLES:
+        raise ValueError(f"{op}: {batch} samples in one call, over the {MAX_GRID_SAMPLES} the kernel's grid takes; "
+                         f"split the batch")
 
 
 def _like_samples(xs, layout, batch):
@@ -217,6 +231,7 @@ def _like_samples(xs, layout, batch):
 def mdf_sqdiff_forward(feats, chan_w, batch, save_diff):
     """(loss [B] (float64 for float64 features, else float32), diffs [B, C_m, H_m, W_m] per tensor
     when ``save_diff``, else []); see the module docstring."""
+    _check_grid(batch, "mdf_sqdiff_forward (triton)")
     xs, ws, layout, acc = _prepare(feats, chan_w, 2 * batch, "mdf_sqdiff_forward (triton)")
     block = TRITON_BLOCK
     diffs = _like_samples(xs, layout, batch) if save_diff else []
@@ -231,6 +246,7 @@ def mdf_sqdiff_forward(feats, chan_w, batch, save_diff):
 def mdf_sqdiff_backward(grad, diffs, chan_w):
     """Per tensor, ``grad[b] * 2 w[c] diff[b]`` as [B, C_m, H_m, W_m] in the diffs' dtype and layout."""
     batch = diffs[0].shape[0] if diffs else 0
+    _check_grid(batch, "mdf_sqdiff_backward (triton)")
     xs, ws, layout, acc = _prepare(diffs, chan_w, batch, "mdf_sqdiff_backward (triton)")
     if grad.numel() != batch:
         raise ValueError(f"mdf_sqdiff_backward (triton): grad must have {batch} entries, got {tuple(grad.shape)}")

@@ -10,9 +10,12 @@
 #      float64 ground truth; scripts/gpu-check-selftest.sh runs the shards, SHARDS x THREADS <= cores);
 #   2. pytest in GPU mode (real kernels, TRITON_INTERPRET unset): the gpu-marked tests and the
 #      device-aware Triton test modules;
-#   3. the op timings on the GPU (benchmarks/gpu_ops.py) and a short fastloss-bench --device cuda.
-# Writes at most 8 files to OUTDIR: summary.txt, env.txt, build.log, selftest.txt, selftest.json,
-# pytest.txt, bench.txt, bench.json. Every command runs under `timeout` with its limit below; the
+#   3. the op timings on the GPU (benchmarks/gpu_ops.py) and a short fastloss-bench --device cuda;
+#   4. compute-sanitizer memcheck, then racecheck, over one small call of every CUDA kernel
+#      (scripts/gpu-sanitize-cases.py; PYTORCH_NO_CUDA_MEMORY_CACHING=1 so each tensor is its own
+#      allocation); a reported error fails the step.
+# Writes at most 9 files to OUTDIR: summary.txt, env.txt, build.log, selftest.txt, selftest.json,
+# pytest.txt, bench.txt, bench.json, sanitizer.txt. Every command runs under `timeout` with its limit below; the
 # limits plus their kill grace add up to at most 600 s (tests/common/test_gpu_check_steps.py checks it, on
 # a fake python), so the whole run ends within 10 minutes, the selftest taking the largest share.
 # Exit status: 0 when every step passed; 1 when one failed or ran out of time; 2 when there is no
@@ -27,9 +30,11 @@ summary="$OUT/summary.txt"
 say() { echo "$*" | tee -a "$summary"; }
 
 # Time limits in seconds (each command also gets KILL_S after its limit to die of SIGTERM): with the
-# kill grace they add up to 578 of the 600 s; the rest is the shell's own work.
+# kill grace they add up to 597 of the 600 s; the rest is the shell's own work. (The sanitizer's 40 s
+# came from the two timing steps, 30 + 35 -> 20 + 20: correctness first on a first GPU run.)
 KILL_S=2
-T_PROBE=20 T_ENV=30 T_BUILD=120 T_INFO=15 T_SELFTEST=210 T_MERGE=10 T_PYTEST=90 T_GPU_OPS=30 T_BENCH=35
+T_PROBE=20 T_ENV=30 T_BUILD=120 T_INFO=15 T_SELFTEST=210 T_MERGE=10 T_PYTEST=90 T_GPU_OPS=20 T_BENCH=20
+T_MEMCHECK=20 T_RACECHECK=20
 bounded() {  # bounded LIMIT_S CMD...: CMD under its time limit (the process group is signalled)
   local limit=$1; shift
   timeout --kill-after="$KILL_S" "$limit" "$@"
@@ -117,18 +122,31 @@ print(f"selftest: {sum(r['status'] == 'pass' for r in results)} passed, "
       f"shard exit codes {codes}")
 for r in bad[:40]:
     print(f"  {r['status'].upper():7} {r['backend']:6} {r['name']}  {r['detail'] or r['errors']}")
+# n/a only where the backend's table does not declare the case (decided before it runs): listed
+for r in [r for r in results if r["status"] == "n/a"]:
+    print(f"  N/A     {r['backend']:6} {r['name']}  {r['detail']}")
 PYEOF
 rm -rf "$tmp"
 
 # 3. pytest in GPU mode: real kernels
 step "pytest -m gpu + device-aware Triton tests" "$T_PYTEST" "$OUT/pytest.txt" \
-  "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/common/test_gpu.py tests/pdl/test_pdl_triton.py tests/pdl/test_pdl_triton_n1.py tests/d2sm/test_d2sm_triton.py
+  "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/common/test_gpu.py tests/pdl/test_pdl_triton.py tests/pdl/test_pdl_triton_n1.py tests/d2sm/test_d2sm_triton.py \
+  tests/common/test_gpu_graph.py tests/common/test_gpu_values.py
 
 # 4. op timings on the GPU and a short steps/sec run
 step "benchmarks/gpu_ops.py" "$T_GPU_OPS" "$OUT/bench.txt" "$PY" benchmarks/gpu_ops.py --json "$OUT/bench.json"
 step "fastloss-bench --device cuda (short)" "$T_BENCH" "$OUT/bench.txt" \
   "$PY" -m fastloss.bench --device cuda --steps 2 --warmup 1 --rounds 2 --no-progress --out "$tmp-bench"
 rm -rf "$tmp-bench"
+
+# 5. compute-sanitizer over one small call of every CUDA kernel (the CUDA toolkit's, if not on PATH)
+SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+step "compute-sanitizer memcheck" "$T_MEMCHECK" "$OUT/sanitizer.txt" \
+  env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 1 \
+  "$PY" scripts/gpu-sanitize-cases.py
+step "compute-sanitizer racecheck" "$T_RACECHECK" "$OUT/sanitizer.txt" \
+  env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool racecheck --error-exitcode 1 \
+  "$PY" scripts/gpu-sanitize-cases.py
 
 say "gpu-check: $([ $status -eq 0 ] && echo 'every step passed' || echo 'FAILED (see above)'); files in $OUT"
 exit $status

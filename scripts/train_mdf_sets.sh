@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Retrain the shipped MDF sets (fastloss/mdf/data/{denoise,jpeg,sisr}.safetensors) as they were made:
 # on scikit-image's `coffee` photograph (CC0, Rachel Michetti), with the paper's recipe where it fits
-# a 600 x 400 seed and about an hour per set on a 2-core CPU (README, "The shipped sets").
+# a 600 x 400 seed and about an hour per set on a 2-core CPU (docs/mdf.md, "The shipped sets").
 #
 #   bash scripts/train_mdf_sets.sh [OUTDIR]        (default: fastloss/mdf/data; needs scikit-image)
 #

@@ -214,3 +214,30 @@ def ddp_and_one_process(tmp_path, setup, world=2):
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
     return json.loads(single.read_text()), json.loads(multi.read_text())
+
+
+def readme_quickstart(steps=2):
+    """The Python block of README.md's "Quick start", its training loop cut to ``steps`` steps."""
+    import re
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    section = text.split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert "range(1000)" in code, "the quick start's loop changed: update this helper"
+    return code.replace("range(1000)", f"range({steps})")
+
+
+def write_vgg16_cache(torch_home, seed=0):
+    """A random VGG16 in torchvision's format where torchvision's cache keeps the ImageNet file
+    (``<TORCH_HOME>/hub/checkpoints/vgg16-397923af.pth``): the losses load it as they would the real
+    one, and nothing is downloaded."""
+    import torch
+
+    from fastloss.features import VGG
+
+    torch.manual_seed(seed)
+    sd = {f"features.{k}": v for k, v in VGG("vgg16", layers="relu5_3", weights=None).features.state_dict().items()}
+    folder = os.path.join(str(torch_home), "hub", "checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    torch.save(sd, os.path.join(folder, "vgg16-397923af.pth"))

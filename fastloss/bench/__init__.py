@@ -12,12 +12,12 @@ reports steps/sec relative to pixel-only and each fast backend's speed-up over i
 """
 from .cli import main, parse_args
 from .demo import run_demo
-from .model import CONFIGS, PERCEPTUAL_LAYERS, DnCNN, VGGPerceptual, make_image, random_batch
+from .model import CONFIGS, OPT_IN, PERCEPTUAL_LAYERS, DnCNN, VGGPerceptual, make_image, random_batch
 from .report import (MARKDOWN_SECTIONS, NO_MATPLOTLIB, PDL_PAPER_TABLE_I, bar_chart, format_table, markdown_report,
                      pdl_paper_report, write_markdown_section)
 from .run import add_ratios, machine_details, result_row, run_config, run_round, setup_config, train_steps
 
-__all__ = ["main", "parse_args", "run_demo", "CONFIGS", "PERCEPTUAL_LAYERS", "DnCNN", "VGGPerceptual", "make_image",
+__all__ = ["main", "parse_args", "run_demo", "CONFIGS", "OPT_IN", "PERCEPTUAL_LAYERS", "DnCNN", "VGGPerceptual", "make_image",
            "random_batch", "MARKDOWN_SECTIONS", "NO_MATPLOTLIB", "PDL_PAPER_TABLE_I", "bar_chart", "format_table",
            "markdown_report", "pdl_paper_report", "write_markdown_section", "add_ratios", "machine_details",
            "result_row", "run_config", "run_round", "setup_config", "train_steps"]

@@ -19,7 +19,7 @@ import sys
 import torch
 
 from .demo import run_demo, run_precision_check
-from .model import CONFIGS, PERCEPTUAL_LAYERS, make_image
+from .model import CONFIGS, OPT_IN, PERCEPTUAL_LAYERS, make_image
 from .report import MARKDOWN_SECTIONS, NO_MATPLOTLIB, bar_chart, format_table, markdown_report, \
     pdl_paper_report, write_markdown_section
 from .run import _load_average, add_ratios, machine_details, result_row, run_round, setup_config
@@ -57,7 +57,9 @@ def _parse_layers(ap, text):
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="fastloss-bench", description=__doc__.split("\n\n")[0],
-                                 epilog="configurations: " + ", ".join(CONFIGS))
+                                 epilog="configurations: " + ", ".join(CONFIGS) + "; 'all' leaves out "
+                                        + ", ".join(OPT_IN) + " (slow on a CPU: name them, e.g. --configs "
+                                        "l1,fdl-ref,fdl-fast)")
     ap.add_argument("--steps", type=_positive_int, default=3,
                     help="timed training steps per configuration and round (default 3)")
     ap.add_argument("--warmup", type=_non_negative_int, default=2, help="untimed steps first (default 2)")
@@ -68,7 +70,8 @@ def parse_args(argv):
     ap.add_argument("--crop", type=_positive_int, default=96, help="crop size in pixels (default 96)")
     ap.add_argument("--width", type=_positive_int, default=32, help="denoiser channels (default 32)")
     ap.add_argument("--sigma", type=float, default=25.0, help="noise std on the 0-255 scale (default 25)")
-    ap.add_argument("--configs", default="all", help="comma-separated subset of: " + ", ".join(CONFIGS))
+    ap.add_argument("--configs", default="all", help="comma-separated subset of: " + ", ".join(CONFIGS)
+                    + f"; default all, which leaves out {', '.join(OPT_IN)}")
     ap.add_argument("--layers", default=",".join(PERCEPTUAL_LAYERS),
                     help="comma-separated VGG16 layers of the L1-perceptual and PDL configurations (default "
                          f"{','.join(PERCEPTUAL_LAYERS)}; the PDL paper's setting is relu4_3, its conv4 features)")
@@ -83,6 +86,9 @@ def parse_args(argv):
     ap.add_argument("--precision-check", action="store_true",
                     help="train the denoiser with PDL on a float32 and on a bfloat16 backbone from one seed and "
                          "print the PSNR each reaches on held-out crops")
+    ap.add_argument("--precision-seeds", type=_positive_int, default=2,
+                    help="--precision-check: seeds to train from (default 2; the float32 runs' spread across "
+                         "seeds is the control the bfloat16 difference is read against)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--markdown", default=None, metavar="FILE",
                     help="also write the table, the command, the machine and the chart into FILE "
@@ -92,7 +98,7 @@ def parse_args(argv):
                          "the PDL paper's Table I (pixel-only 1.00, L1-perceptual 0.57, PDL 0.57)")
     args = ap.parse_args(argv)
     if args.configs == "all":
-        args.configs = list(CONFIGS)
+        args.configs = [c for c in CONFIGS if c not in OPT_IN]
     else:
         args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
         unknown = [c for c in args.configs if c not in CONFIGS]
@@ -131,12 +137,14 @@ def main(argv=None):
                 f"Command: `fastloss-bench {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
                 f"- CPU: {info['cpu']}; torch {info['torch']}; {weights_note}",
                 f"- the bench's DnCNN denoiser (width {args.width}), L1 + PDL ({', '.join(args.layers or PERCEPTUAL_LAYERS)}), "
-                f"{result['steps']} steps from seed {args.seed}, batch {args.batch_size}, crop {args.crop}, "
+                f"{result['steps']} steps from seeds {result['seeds']}, batch {args.batch_size}, crop {args.crop}, "
                 f"sigma {args.sigma}; PSNR on {result['crops']} held-out crops", "",
-                "| backbone | PSNR (dB) |", "|---|---:|",
-                f"| float32 (`pdl-fast`) | {result['pdl-fast']:.3f} |",
-                f"| bfloat16 (`pdl-bf16`) | {result['pdl-bf16']:.3f} |", "",
-                f"Difference: {result['difference_db']:+.3f} dB."])
+                "| seed | float32 backbone (`pdl-fast`), dB | bfloat16 backbone (`pdl-bf16`), dB | difference |",
+                "|---:|---:|---:|---:|",
+                *[f"| {s} | {f:.3f} | {b:.3f} | {b - f:+.3f} |"
+                  for s, f, b in zip(result["seeds"], result["pdl-fast"], result["pdl-bf16"])], "",
+                f"Mean difference {result['mean_difference_db']:+.3f} dB; the float32 runs from different seeds "
+                f"span {result['float32_spread_db']:.3f} dB (the control)."])
             write_markdown_section(args.markdown, "precision", text)
             print(f"wrote the 'precision' section of {args.markdown}")
         with open(os.path.join(args.out, "precision.json"), "w") as f:

@@ -159,6 +159,18 @@ def _mdf(backend, args):
     return _L1Plus(fastloss.MDFLoss(backend=backend))
 
 
+def _fdl(backend, args):
+    # the published defaults (VGG19 relu1_2 ... relu5_4, 256 projections of 5 x 5, phase weight 1):
+    # what a user of FDL runs; the trainer's pixel L1 is the row's own term
+    return _L1Plus(fastloss.FDLLoss(extractor_weights=args.vgg_weights, backend=backend))
+
+
+# Configurations left out of ``--configs all`` (the default), run when named: FDL's reference step
+# takes seconds on a CPU (five VGG19 layers, 256 projections of both branches sorted by torch.sort),
+# which would multiply the default run's time. Crops below 80 pixels leave relu5_4 smaller than a
+# 5 x 5 patch: the rows are then skipped with FDLLoss's error.
+OPT_IN = ("fdl-ref", "fdl-fast")
+
 # name -> (label, loss family, backend kind, factory(backend, args))
 CONFIGS = {
     "l1": ("L1 (pixel only)", "l1", None, lambda b, a: _L1Plus(lambda u, v: u.new_zeros(()))),
@@ -180,4 +192,6 @@ CONFIGS = {
     "d2sm-fast": ("L1 + D2SM (fast)", "d2sm", "fast", _d2sm),
     "mdf-ref": ("L1 + MDF (reference)", "mdf", "reference", _mdf),
     "mdf-fast": ("L1 + MDF (fast)", "mdf", "fast", _mdf),
+    "fdl-ref": ("L1 + FDL (reference)", "fdl", "reference", _fdl),
+    "fdl-fast": ("L1 + FDL (fast)", "fdl", "fast", _fdl),
 }

@@ -27,7 +27,7 @@ class D2SMLoss(nn.Module):
     ``patch_stride`` (as ``Tensor.unfold``: windows that would cross the border are not taken)
     and the patches are the samples: ``patch_scope="batch"`` pools the patches of the batch into
     the queue; ``patch_scope="image"`` takes each image's patches as their own set (the KL of
-    ``d2sm_kl`` over them, no queue) and averages over the images (paper §3.3; see README).
+    ``d2sm_kl`` over them, no queue) and averages over the images (paper §3.3; see docs/d2sm.md).
     ``reduction``: as ``d2sm_kl``. ``extractor_weights``: a path, ``"torchvision"`` (the torch hub
     cache, downloaded there on first use unless ``FASTLOSS_OFFLINE=1``) or ``None`` (random init).
     ``reset()`` empties the queues; ``state_dict()`` carries them. A set of fewer than 3 rows in paper
@@ -37,14 +37,17 @@ class D2SMLoss(nn.Module):
     region) or ``torch.bfloat16``: the dtype the frozen backbone runs in (channels_last on the CPU);
     the KL always runs in float32 on the features. D2SM's KL compares near-equal distributions and
     moves by percents in bfloat16 (README, "Fast steps"): keep ``None`` where the value matters.
+    ``pixel_weight`` (default 0, the KL alone) adds ``pixel_weight * mean|restored - clean|`` on the
+    [0, 1] images, the convention of every fastloss loss (README, "One pixel term").
     """
 
     def __init__(self, extractor="vgg19", layer: str = "conv5_4", queue_size: int = 256, mode: str = "paper",
                  internal_patches: bool = False, patch_size: int = 224, patch_stride: int = 56, weight: float = 1.0,
                  extractor_weights="torchvision", eps: float = 1e-6, backend: str = "auto", reduction: str = "mean",
                  layers=None, layer_weights=None, patch_scope: str = "batch", input_range=(0, 1),
-                 compute_dtype=None):
+                 compute_dtype=None, pixel_weight: float = 0.0):
         super().__init__()
+        self.pixel_weight = _checks.check_pixel_weight("D2SMLoss", pixel_weight)
         self.input_range = _checks.check_input_range("D2SMLoss", input_range)
         self._range_check = _checks.RangeCheck("D2SMLoss", self.input_range)
         for name, v in (("patch_size", patch_size), ("patch_stride", patch_stride)):
@@ -146,8 +149,6 @@ class D2SMLoss(nn.Module):
         raise ValueError(f"D2SMLoss: queue_size={self.queue.queue_size} is smaller than the batch ({what}): this "
                          f"setting needs queue_size >= {rows}{alt}")
 
-    pixel_weight = 0.0  # D2SM has no pixel term
-
     def prepare(self, restored: Tensor, clean: Tensor):
         """The input checks, then both images mapped to [0, 1] (``input_range``)."""
         builtin = type(self.extractor).__module__ == "fastloss.features"
@@ -173,6 +174,7 @@ class D2SMLoss(nn.Module):
     def forward(self, restored: Tensor, clean: Tensor) -> Tensor:
         restored, clean = self.prepare(restored, clean)
         b, hw = restored.shape[0], tuple(restored.shape[-2:])
+        pixel = _checks.pixel_term(self.pixel_weight, restored, clean)
         if self.internal_patches:
             restored, clean = self.patches(restored), self.patches(clean)
         per_image = restored.shape[0] // b
@@ -182,7 +184,8 @@ class D2SMLoss(nn.Module):
                              f"images)")
         self._check_set_size(b, per_image, hw)
         fu, fv = feature_pair(self.extractor, restored, clean, self.compute_dtype)
-        return self.feature_terms(self._rows(fu), self._rows(fv), b, per_image)
+        loss = self.feature_terms(self._rows(fu), self._rows(fv), b, per_image)
+        return pixel + loss if self.pixel_weight else loss
 
     def feature_terms(self, fu, fv, b, per_image=1):
         """``weight * sum_l w_l * KL_l`` from the rows {layer: [b * per_image, D]}: each layer's queue

@@ -157,16 +157,23 @@ def _dist_world():
     return 1, 0
 
 
-def _all_gather_rows(p: Tensor, t: Tensor, op: str) -> Tuple[Tensor, Tensor]:
-    """Every rank's [B, D] rows of p and t, concatenated in rank order: ([W*B, D], [W*B, D])."""
+def _check_batch_sizes(p: Tensor, op: str):
+    """Every rank passes the same batch size, or a ValueError on every rank: one small all-gather,
+    read on the host (a synchronisation), so the queue runs it only when its batch shape changes."""
     dist = torch.distributed
-    world = dist.get_world_size()
     size = torch.tensor([p.shape[0]], dtype=torch.int64, device=p.device)
-    sizes = [torch.empty_like(size) for _ in range(world)]
+    sizes = [torch.empty_like(size) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, size)
     sizes = [int(s.item()) for s in sizes]
     if len(set(sizes)) != 1:
         raise ValueError(f"{op}: under torch.distributed every rank must pass the same batch size, got {sizes}")
+
+
+def _all_gather_rows(p: Tensor, t: Tensor, op: str) -> Tuple[Tensor, Tensor]:
+    """Every rank's [B, D] rows of p and t, concatenated in rank order: ([W*B, D], [W*B, D]); one
+    collective, no host read (the ranks' batch sizes are checked by ``_check_batch_sizes``)."""
+    dist = torch.distributed
+    world = dist.get_world_size()
     both = torch.cat([p, t], 1).contiguous()  # [B, 2D]: one collective for both sides
     out = [torch.empty_like(both) for _ in range(world)]
     dist.all_gather(out, both)
@@ -206,15 +213,17 @@ class D2SMQueue(nn.Module):
 
     The queues hold normalized rows. ``pred_sim`` / ``target_sim`` cache the queue_size x
     queue_size similarities and ``pred_rowsum`` / ``target_rowsum`` each row's sum of them
-    (float64; ``f_hat_i . sum_k f_hat_k``, the row normalizers, kept as running sums): a call
+    (float64 sums of the cached entries themselves, ``sum_k G_ik``, the row normalizers, kept as
+    running sums, and each new row's summed afresh): a call
     computes only its B new rows against the set, writes them into the cache in place, updates
     the running sums by the entries that changed (O(B q)), and runs the fused op over the cached
     matrices. All of these are buffers (``state_dict`` carries them; the fill level travels as
     extra state), so training resumes exactly. ``reset()`` empties the queue.
 
     Under ``torch.distributed`` each call all-gathers the batch rows of every rank (in rank
-    order, every rank the same B) so that every rank holds the same queue and computes the same
-    loss, that of one process over the concatenated batch; the gradient reaches only the local
+    order, every rank the same B: checked, with a host read, on the first call and whenever B
+    changes, which every rank must then do at the same call) so that every rank holds the same
+    queue and computes the same loss, that of one process over the concatenated batch; the gradient reaches only the local
     rows, times the world size W (the backward of a differentiable all-gather), so that
     DistributedDataParallel's average over the ranks is the gradient of one process over the
     concatenated batch. ``queue_size`` must be at least the rows of one call (B, times W).
@@ -245,6 +254,7 @@ class D2SMQueue(nn.Module):
         # no mode is exactly 0) and then left alone: the few-rows warning reads it, never _filled
         self._rows_known = 0
         self._few_rows_owner, self._few_rows_warned = "D2SMQueue", False  # D2SMLoss renames or silences
+        self._sizes_checked = None  # (world size, batch size) whose batch sizes all ranks were seen to share
 
     @property
     def filled(self) -> int:
@@ -357,6 +367,12 @@ class D2SMQueue(nn.Module):
                 y = _normalize_rows(target_feats.detach().flatten(1).to(dtype), self.eps, name)
                 new_p, new_t = x.detach(), y
                 if world > 1:
+                    # the ranks' batch sizes, checked on the first call and when the batch shape
+                    # changes (all ranks change it together: DistributedSampler pads the last
+                    # batch), not every step: that check is a host read and a collective
+                    if self._sizes_checked != (world, b):
+                        _check_batch_sizes(new_p, op)
+                        self._sizes_checked = (world, b)
                     new_p, new_t = _all_gather_rows(new_p, new_t, op)  # [W*B, D], rank order
                 if self.pred_queue is None:
                     self._allocate(d, dtype, x.device)

@@ -4,22 +4,29 @@ option format: traiNNer-redux, neosr).
 >>> from fastloss.integrations import basicsr
 >>> basicsr.register()            # once, before BasicSR builds the model's losses
 
-Then a BasicSR option file names them like its own losses::
+Then a BasicSR option file names them like its own losses. BasicSR's models unpack
+``perceptual_opt`` as a pair ``(perceptual, style)``: a fastloss loss placed there says so with
+``perceptual_opt: true`` (``FastlossPerceptualLoss`` always returns the pair)::
 
     pixel_opt:
+      type: L1Loss                 # BasicSR's own pixel loss (fastloss's pixel_weight stays 0)
+      loss_weight: 1.0
+    perceptual_opt:
       type: PDLLoss
+      perceptual_opt: true         # return (loss, None), as BasicSR unpacks this slot
       loss_weight: 1.0
       layers: [relu4_3]
-      extractor_weights: torchvision
+      weight: 0.01
 
 Several fastloss losses on one backbone pass (``fastloss.combine``)::
 
     perceptual_opt:
       type: FastlossCombinedLoss
+      perceptual_opt: true
       loss_weight: 1.0
       losses:
-        - {type: PerceptualLoss, layers: [relu4_3], pixel_weight: 0}
-        - {type: PDLLoss, layers: [relu4_3], pixel_weight: 0}
+        - {type: PerceptualLoss, layers: [relu4_3]}
+        - {type: PDLLoss, layers: [relu4_3]}
 
 BasicSR's conventions: the constructor takes ``loss_weight`` (a factor on the loss) and
 ``reduction`` (fastloss's losses are means over the batch, so only ``"mean"`` is accepted) and
@@ -36,7 +43,7 @@ from .. import config
 __all__ = ["register", "NAMES"]
 
 # registry name -> fastloss type name
-NAMES = {"PDLLoss": "PDLLoss", "D2SMLoss": "D2SMLoss", "MDFLoss": "MDFLoss",
+NAMES = {"PDLLoss": "PDLLoss", "D2SMLoss": "D2SMLoss", "MDFLoss": "MDFLoss", "FDLLoss": "FDLLoss",
          "FastlossPerceptualLoss": "PerceptualLoss", "FastlossCombinedLoss": "CombinedLoss"}
 
 
@@ -44,9 +51,13 @@ class _Adapter(nn.Module):
     _type = None
     _returns_pair = False
 
-    def __init__(self, loss_weight=1.0, reduction="mean", **kwargs):
+    def __init__(self, loss_weight=1.0, reduction="mean", perceptual_opt=None, **kwargs):
         super().__init__()
         name = type(self).__name__
+        if perceptual_opt not in (None, True, False):
+            raise ValueError(f"{name} (fastloss): perceptual_opt must be true or false (true: the loss sits in "
+                             f"BasicSR's perceptual_opt and returns (loss, None)), got {perceptual_opt!r}")
+        self.returns_pair = self._returns_pair if perceptual_opt is None else perceptual_opt
         if reduction != "mean":
             raise ValueError(f"{name} (fastloss): reduction must be 'mean' (the loss is a mean over the batch), "
                              f"got {reduction!r}")
@@ -59,7 +70,7 @@ class _Adapter(nn.Module):
         if weight is not None:
             raise ValueError(f"{type(self).__name__} (fastloss): a per-pixel weight is not supported")
         out = self.loss_weight * self.loss(pred, target)
-        return (out, None) if self._returns_pair else out
+        return (out, None) if self.returns_pair else out
 
 
 def _adapter(registry_name, type_name):

@@ -50,12 +50,16 @@ class MDFLoss(nn.Module):
     ``input_range``: ``(0, 1)`` (default; the discriminators were trained on images in [0, 1]) or
     ``(-1, 1)``, for images in [-1, 1], which are mapped to [0, 1] by ``(x + 1) / 2`` first (the
     gradient flows through the map).
+
+    ``pixel_weight`` (default 0, the MDF term alone) adds ``pixel_weight * mean|pred - target|`` on the
+    [0, 1] images, the convention of every fastloss loss (README, "One pixel term").
     """
 
     def __init__(self, weights="denoise", scales: int = 8, ascending: bool = True, backend: str = "auto",
                  grouped: Optional[bool] = None, formula: str = "published",
-                 compute_dtype: Optional[torch.dtype] = None, input_range=(0, 1)):
+                 compute_dtype: Optional[torch.dtype] = None, input_range=(0, 1), pixel_weight: float = 0.0):
         super().__init__()
+        self.pixel_weight = _checks.check_pixel_weight("MDFLoss", pixel_weight)
         self.input_range = _checks.check_input_range("MDFLoss", input_range)
         _backend.requested(backend, "MDFLoss")
         self.formula = _check_formula(formula, "MDFLoss")
@@ -77,6 +81,7 @@ class MDFLoss(nn.Module):
     def extra_repr(self):
         return (f"scales={self.scales}, ascending={self.ascending}, widths={self.widths}, backend={self.backend!r}, "
                 f"formula={self.formula!r}, compute_dtype={self.compute_dtype}, input_range={self.input_range}, "
+                f"pixel_weight={self.pixel_weight}, "
                 f"source={self.weights.source!r}")
 
     def _cached(self, key, make):
@@ -112,7 +117,9 @@ class MDFLoss(nn.Module):
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         _check_images(pred, target)
         self._range_check(target)  # the data convention; an untrained network's output strays from it
-        return self._loss(_checks.to_unit_range(pred, self.input_range), _checks.to_unit_range(target, self.input_range))
+        pred, target = _checks.to_unit_range(pred, self.input_range), _checks.to_unit_range(target, self.input_range)
+        loss = self._loss(pred, target)
+        return _checks.pixel_term(self.pixel_weight, pred, target) + loss if self.pixel_weight else loss
 
     def _loss(self, pred: Tensor, target: Tensor) -> Tensor:
         """The loss on checked images in [0, 1]."""

@@ -2,7 +2,6 @@
 (the fused feature extraction, its backward, the fused squared-difference reduction), their
 autograd, and the backend table.
 
-  differences are added to a per-sample vector.
 The fast path (backends ``cpu``, ``triton``, ``cuda``): BatchNorm folded into the convolutions
   once, when the loss is built; pred and target stacked into one batch and run without autograd
   (``fastloss::mdf_forward``); every head in one convolution with 3 input channels and the sum of
@@ -12,10 +11,12 @@ The fast path (backends ``cpu``, ``triton``, ``cuda``): BatchNorm folded into th
   kernel per backend (``csrc/cpu/mdf.cpp``, ``kernels/mdf.py``, ``csrc/cuda/mdf_kernels.cu``),
   whose backward writes the gradient of each feature directly. The backward
   (``fastloss::mdf_backward``) runs the transposed convolutions on the pred half only (and on the
+  target half when the target requires grad), through the LeakyReLU derivatives rebuilt from
+  saved bool masks (``lrelu_backward_``: one in-place C++ pass on CPU tensors with the ``cpu``
+  backend, ``torch.where`` otherwise).
 """
 from __future__ import annotations
 
-import functools
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -211,12 +212,16 @@ def _chan_weights(units, widths_by_head_channel, shapes, device, dtype):
     """Per-channel weights 1 / (C_f H W) of the head tensor and of each unit's body / tail tensors,
     built once per device, dtype and shapes (a tensor built from a host list on every call would be
     a host-to-device copy that waits for the host and cannot be captured in a CUDA graph)."""
-    return list(_chan_weights_cached(tuple(tuple(u) for u in units), tuple(widths_by_head_channel),
-                                     tuple(tuple(s) for s in shapes), device, dtype))
+    key = (tuple(tuple(u) for u in units), tuple(widths_by_head_channel), tuple(tuple(s) for s in shapes),
+           device, dtype)
+    # a DeviceCache, not an LRU: a CUDA graph captured with these weights reads them on every replay
+    return list(_CHAN_WEIGHTS.get(key, lambda: _chan_weights_build(*key), _ops.capturing(torch.device(device))))
 
 
-@functools.lru_cache(maxsize=64)
-def _chan_weights_cached(units, widths_by_head_channel, shapes, device, dtype):
+_CHAN_WEIGHTS = _ops.DeviceCache(max_entries=64)
+
+
+def _chan_weights_build(units, widths_by_head_channel, shapes, device, dtype):
     acc = _acc_dtype(dtype)
     (hh, hw), (bh, bw), (th, tw) = shapes
     head = torch.tensor([1.0 / (n * hh * hw) for n in widths_by_head_channel], dtype=acc, device=device)
@@ -243,12 +248,18 @@ def _spatial(H, W):
 
 
 def _sum_weights(units, heads, device, dtype):
-    """Per-channel weights 1 of the head tensor and of each unit's three block tensors (Eq. 2 sums)."""
+    """Per-channel weights 1 of the head tensor and of each unit's three block tensors (Eq. 2 sums),
+    built once per shape (not a fill per tensor per call), kept like ``_chan_weights``'s."""
+    key = ("sum", tuple(tuple(u) for u in units), heads, device, dtype)
+    return list(_CHAN_WEIGHTS.get(key, lambda: _sum_weights_build(*key[1:]), _ops.capturing(torch.device(device))))
+
+
+def _sum_weights_build(units, heads, device, dtype):
     acc = _acc_dtype(dtype)
     out = [torch.ones((heads,), dtype=acc, device=device)]
     for k, n in units:
         out += [torch.ones((k * n,), dtype=acc, device=device)] * 3
-    return out
+    return tuple(out)
 
 
 # _AUTOCAST: inside the fast path autocast is off: under it some of its convolutions (the fused

@@ -1,4 +1,4 @@
-"""``PDLLoss``: PDL on the features of a frozen extractor, plus a pixel L1 term."""
+"""``PDLLoss``: PDL on the features of a frozen extractor (and a pixel L1 term if asked)."""
 from typing import Optional, Sequence
 
 import torch.nn as nn
@@ -14,7 +14,10 @@ from .projections import PROJECTIONS, check_rpp, project, projection_matrix
 class PDLLoss(nn.Module):
     """``pixel_weight * mean|u - v| + weight * sum_l w_l * pdl(P_l Phi_l(u), P_l Phi_l(v))``.
 
-    ``root`` and ``normalization`` are passed to ``pdl`` (the paper's conventions; see README).
+    ``root`` and ``normalization`` are passed to ``pdl`` (the paper's conventions; see docs/pdl.md).
+    ``pixel_weight`` (default 0: the PDL term alone, the pixel loss configured beside it as trainers
+    do) adds the pixel L1 of the paper's Eq. 5 inside the loss; every fastloss loss has it (README,
+    "One pixel term").
 
     ``u`` (restored) and ``v`` (clean) are (B, 3, H, W) images in [0, 1]; ``Phi_l`` are layers of
     a frozen VGG (ImageNet-normalised inputs), ``P_l`` the fixed projections. Target features are
@@ -29,7 +32,7 @@ class PDLLoss(nn.Module):
     """
 
     def __init__(self, layers: Sequence[str] = ("relu4_3",), layer_weights: Optional[Sequence[float]] = None,
-                 weight: float = 0.01, pixel_weight: float = 1.0, projection: str = "id", p: int = 1,
+                 weight: float = 0.01, pixel_weight: float = 0.0, projection: str = "id", p: int = 1,
                  extractor="vgg16", extractor_weights="torchvision", num_projections: Optional[int] = None,
                  seed: int = 0, backend: str = "auto", root: bool = False, normalization: str = "mean",
                  input_range=(0, 1), compute_dtype=None):
@@ -62,7 +65,7 @@ class PDLLoss(nn.Module):
         self.root, self.normalization = root, normalization
         self.layers = layers
         self.layer_weights = tuple(float(w) for w in layer_weights)
-        self.weight, self.pixel_weight = float(weight), float(pixel_weight)
+        self.weight, self.pixel_weight = float(weight), _checks.check_pixel_weight("PDLLoss", pixel_weight)
         self.projection, self.num_projections, self.seed, self.p = projection, num_projections, seed, p
         self.backend = backend
         self.extractor = extractor_module("PDLLoss", extractor, layers, extractor_weights, compute_dtype)
@@ -99,9 +102,9 @@ class PDLLoss(nn.Module):
 
     def forward(self, restored: Tensor, clean: Tensor) -> Tensor:
         restored, clean = self.prepare(restored, clean)
-        loss = self.pixel_weight * (restored - clean).abs().mean()
+        loss = _checks.pixel_term(self.pixel_weight, restored, clean)
         if self.weight == 0:
-            return loss
+            return loss if self.pixel_weight else restored.sum() * 0.0  # keeps the graph
         fu, fv = feature_pair(self.extractor, restored, clean, self.compute_dtype)
         return self.feature_terms(self._layers_of(fu), self._layers_of(fv), loss)
 

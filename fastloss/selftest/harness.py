@@ -2,6 +2,7 @@
 hygiene (TF32 off, a poisoned allocator), the knobs that reach a regime at small sizes, ``Case`` and
 ``Result``, the case list and its shards, and ``run`` with its report and exit code."""
 import contextlib
+import importlib
 import math
 import sys
 import time
@@ -24,9 +25,10 @@ class NotRunnable(Exception):
 
 
 class NotApplicable(Exception):
-    """The case does not apply to this backend or machine (a CUDA-only case on the CPU, cuda:1 with
-    one GPU, determinism the README does not promise): reported as n/a, never as passed."""
-
+    """Kept for callers; no case raises it. A case that does not apply to a backend or machine (a
+    CUDA-only case on the CPU, cuda:1 with one GPU, determinism docs/guarantees.md does not promise) says
+    so through its ``applies`` hook, and the harness decides n/a before it runs (``outside``);
+    raised from a case's ``run`` it is an error like any other exception."""
 
 
 # --------------------------------------------------------------------------- error arithmetic
@@ -139,24 +141,31 @@ def _to(t, device):
 # --------------------------------------------------------------------------- the run
 @dataclass
 class Case:
+    """``run(backend, device, chk)`` compares; ``applies(backend, device)``, if given, returns why
+    the case does not apply there (a str), or None. Whether a backend takes the case's dtype is
+    not the case's to say: ``outside`` reads it from the loss's backend table."""
     name: str
     loss: str
     dtype: torch.dtype
     run: Callable = field(repr=False)
+    applies: Optional[Callable] = field(default=None, repr=False)
 
     @property
     def label(self):
         return f"{self.name} [{_DTYPE_NAMES[self.dtype]}]"
 
 
-def cases(full=False):
-    """The case list: ``full`` for the GPU acceptance run, else the quick one the CPU suite runs."""
+def cases(full=False, huge=False):
+    """The case list: ``full`` for the GPU acceptance run, else the quick one the CPU suite runs;
+    ``huge`` adds the cases of more than 2^31 elements in one tensor (CUDA, ~50 GB)."""
     # imported here, not at the top: the case files build their cases from this module
-    from . import d2sm, mdf, pdl, steps
+    from . import d2sm, huge as huge_cases, mdf, pdl, steps
 
     out = pdl._pdl_cases(full) + d2sm._d2sm_cases(full) + mdf._mdf_cases(full)
     if full:
         out += steps._whole_step_cases()
+    if huge:
+        out += huge_cases._huge_cases()
     return out
 
 
@@ -182,7 +191,41 @@ class Result:
     detail: str = ""
 
 
+def impls(loss):
+    """The backend table (``IMPLS``) of ``loss``'s ops."""
+    return importlib.import_module(f"fastloss.{loss}.ops").IMPLS
+
+
+def outside(case, backend, device):
+    """Why ``case`` lies outside what ``backend`` declares for it, decided before anything runs:
+    the dtypes of the backend's row in the loss's table (``fastloss/<loss>/ops.py`` ``IMPLS``), then
+    the case's own ``applies`` (a CUDA-only case on the CPU, two GPUs). None: the backend documents
+    this case, so it must run and pass; an error it raises is a failure, never n/a."""
+    row = impls(case.loss).get(backend)
+    if row is None:
+        return f"{case.loss} has no {backend!r} row in its backend table"
+    if case.dtype not in row.dtypes:
+        takes = ", ".join(_DTYPE_NAMES[d] for d in row.dtypes)
+        return f"{backend} {case.loss} takes {takes} (fastloss/{case.loss}/ops.py IMPLS), not {_DTYPE_NAMES[case.dtype]}"
+    return case.applies(backend, torch.device(device)) if case.applies is not None else None
+
+
+def acceptance_problem(case, result, device):
+    """What is wrong with ``result`` as an acceptance verdict (None if nothing): a case the backend
+    documents must pass; only a case ``outside`` it may be n/a (and then must be)."""
+    why_outside = outside(case, result.backend, device)
+    if why_outside is not None:
+        return None if result.status == "n/a" else f"{result.status}: expected n/a ({why_outside})"
+    if result.status == "pass":
+        return None
+    return f"{result.status}: {result.detail} {result.errors} (tolerances {result.tolerance})"
+
+
 def _run_one(case, backend, device):
+    why_out = outside(case, backend, device)
+    if why_out is not None:
+        return Result(case.label, case.loss, backend, str(device), _DTYPE_NAMES[case.dtype], "n/a", {}, {},
+                      None, 0.0, why_out)
     why = _backend.why_not(backend, torch.device(device), case.dtype)
     if why is not None:
         return Result(case.label, case.loss, backend, str(device), _DTYPE_NAMES[case.dtype], "not run", {}, {},
@@ -198,13 +241,10 @@ def _run_one(case, backend, device):
             status, detail = "error", "the case compared nothing"
         elif not chk.passed():
             status = "fail"
-    except NotApplicable as e:
-        status, detail = "n/a", str(e)
     except NotRunnable as e:
         status, detail = "not run", str(e)
-    except _backend.BackendError as e:  # the backend runs (checked above) but not this op's dtype
-        status, detail = "n/a", str(e)
-    except Exception as e:  # a crash of a fast path is a failure, reported with its message
+    except Exception as e:  # a crash of a fast path is a failure, reported with its message; so is a
+        # BackendError or NotApplicable from a case the backend's table covers (decided above)
         status, detail = "error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     seconds = time.perf_counter() - t0
     errs = list(chk.errors.values())
@@ -238,7 +278,7 @@ def _fmt(v):
 
 
 def run(device=None, full=False, backends=None, dtypes=None, losses=None, shard=(1, 1), out=sys.stdout,
-        case_list=None):
+        case_list=None, huge=False):
     """Run the acceptance cases; return ``(exit code, [Result])``. ``backends=None``: every fast
     backend that can run on ``device``; named backends that cannot run make the exit code 2."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -247,7 +287,7 @@ def run(device=None, full=False, backends=None, dtypes=None, losses=None, shard=
     reasons = {b: _backend.why_not(b, device, torch.float32) for b in names}
     usable = [b for b in names if reasons[b] is None]
     unusable = {b: why for b, why in reasons.items() if why is not None}
-    todo = select(case_list if case_list is not None else cases(full), shard, dtypes, losses)
+    todo = select(case_list if case_list is not None else cases(full, huge), shard, dtypes, losses)
     print(f"fastloss selftest ({'full' if full else 'quick'}, shard {shard[0]}/{shard[1]}: {len(todo)} cases) "
           f"on {device}; backends: {', '.join(usable) or 'none'}", file=out)
     for b, why in unusable.items():
@@ -270,6 +310,11 @@ def run(device=None, full=False, backends=None, dtypes=None, losses=None, shard=
                     line += f"  ({r.detail})"
                 print(line, file=out, flush=True)
     code = exit_code(results, explicit and bool(unusable))
+    na = [r for r in results if r.status == "n/a"]
+    if na:
+        print(f"not applicable, outside what the backend declares ({len(na)}):", file=out)
+        for r in na:
+            print(f"  {r.backend:<7} {r.case}: {r.detail}", file=out)
     n = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "error", "not run", "n/a")}
     counts = (f"{n['pass']} passed, {n['fail']} failed, {n['error']} errors, {n['not run']} not run, "
               f"{n['n/a']} not applicable")

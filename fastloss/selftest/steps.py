@@ -9,7 +9,7 @@ import fastloss
 from fastloss import _backend
 
 from .d2sm import d2sm_inputs
-from .harness import Case, NotApplicable, _cpu_gen, _to, poison
+from .harness import Case, _cpu_gen, _to, poison
 from .mdf import mdf_weights
 from .pdl import pdl_inputs
 from .tolerances import BY_LOSS
@@ -55,9 +55,12 @@ def _step(fwd, backend, x, y):
 
 
 def _determinism_case(loss):
-    def run(backend, device, chk):
+    def applies(backend, device):
         if loss != "pdl" and backend != "cpu":
-            raise NotApplicable(f"the README promises bitwise determinism for {loss} on the cpu backend only")
+            return f"docs/guarantees.md promises bitwise determinism for {loss} on the cpu backend only"
+        return None
+
+    def run(backend, device, chk):
         make, fwd = _step_fns(loss)
         x0, y0 = make()
         x, y = _to(x0, device), _to(y0, device)
@@ -69,7 +72,7 @@ def _determinism_case(loss):
         same = all(torch.equal(a, b) for r in runs[1:] for a, b in zip(runs[0], r))
         chk.true("3 runs bitwise identical", same)
 
-    return Case(f"{loss} determinism (3 runs, use_deterministic)", loss, torch.float32, run)
+    return Case(f"{loss} determinism (3 runs, use_deterministic)", loss, torch.float32, run, applies)
 
 
 @contextlib.contextmanager
@@ -110,16 +113,22 @@ def _compile_case(loss):
     return Case(f"{loss} torch.compile(fullgraph=True) step", loss, torch.float32, run)
 
 
-def _cuda_only(device):
+def _cuda_only(backend, device):
+    """The ``applies`` hook of a CUDA-only case."""
+    return None if torch.device(device).type == "cuda" else "a CUDA-only case"
+
+
+def _two_gpus(backend, device):
+    """The ``applies`` hook of the cuda:1 case."""
     if torch.device(device).type != "cuda":
-        raise NotApplicable("a CUDA-only case")
+        return "a CUDA-only case"
+    return None if torch.cuda.device_count() >= 2 else "needs two CUDA devices"
 
 
 def _side_stream_case(loss):
     tol = BY_LOSS[loss][torch.float32]
 
     def run(backend, device, chk):
-        _cuda_only(device)
         make, fwd = _step_fns(loss)
         x0, y0 = make()
         truth = _truth_step(loss, x0, y0)
@@ -135,16 +144,13 @@ def _side_stream_case(loss):
         torch.cuda.synchronize(device)
         _compare_step(chk, "side stream", got, truth, tol)
 
-    return Case(f"{loss} step on a side stream", loss, torch.float32, run)
+    return Case(f"{loss} step on a side stream", loss, torch.float32, run, _cuda_only)
 
 
 def _second_device_case(loss):
     tol = BY_LOSS[loss][torch.float32]
 
     def run(backend, device, chk):
-        _cuda_only(device)
-        if torch.cuda.device_count() < 2:
-            raise NotApplicable("needs two CUDA devices")
         make, fwd = _step_fns(loss)
         x0, y0 = make()
         truth = _truth_step(loss, x0, y0)
@@ -153,7 +159,7 @@ def _second_device_case(loss):
         chk.true("outputs on cuda:1", got[0].device == torch.device("cuda:1"))
         _compare_step(chk, "cuda:1", got, truth, tol)
 
-    return Case(f"{loss} on cuda:1 while cuda:0 is current", loss, torch.float32, run)
+    return Case(f"{loss} on cuda:1 while cuda:0 is current", loss, torch.float32, run, _two_gpus)
 
 
 def _training_step(loss, backend, device):
@@ -182,7 +188,6 @@ def _training_step(loss, backend, device):
 
 def _sync_debug_case(loss):
     def run(backend, device, chk):
-        _cuda_only(device)
         net, step, shape = _training_step(loss, backend, device)
         g = _cpu_gen(3)
         x, y = torch.rand(shape, generator=g).to(device), torch.rand(shape, generator=g).to(device)
@@ -201,14 +206,13 @@ def _sync_debug_case(loss):
             torch.cuda.set_sync_debug_mode(old)
         chk.true(f"no host sync in a training step{(': ' + why) if why else ''}", ok)
 
-    return Case(f"{loss} training step under set_sync_debug_mode('error')", loss, torch.float32, run)
+    return Case(f"{loss} training step under set_sync_debug_mode('error')", loss, torch.float32, run, _cuda_only)
 
 
 def _cuda_graph_case(loss):
     tol = BY_LOSS[loss][torch.float32]
 
     def run(backend, device, chk):
-        _cuda_only(device)
         net, step, shape = _training_step(loss, backend, device)
         g = _cpu_gen(5)
         batches = [(torch.rand(shape, generator=g).to(device), torch.rand(shape, generator=g).to(device))
@@ -239,7 +243,7 @@ def _cuda_graph_case(loss):
             ref = eager_step(x, y)
             chk.close(f"replay {i} loss", static_out, ref, tol)
 
-    return Case(f"{loss} CUDA-graph capture and replay of a training step", loss, torch.float32, run)
+    return Case(f"{loss} CUDA-graph capture and replay of a training step", loss, torch.float32, run, _cuda_only)
 
 
 def _whole_step_cases():

@@ -62,6 +62,22 @@ def test_cli_demo_writes_side_by_side_pngs(tmp_path):
     assert pngs == ["demo_0.png", "demo_1.png", "demo_2.png"]
 
 
+@requires_cpu_ext
+def test_precision_check_trains_each_seed_on_both_backbones_and_reports_the_control(tmp_path, capsys):
+    md = tmp_path / "B.md"
+    md.write_text("<!-- precision:begin -->\n<!-- precision:end -->\n")
+    assert bench.main(["--precision-check", "--precision-seeds", "2", "--demo-steps", "1", "--crop", "16",
+                       "--width", "4", "--batch-size", "1", "--layers", "relu1_2", "--no-progress",
+                       "--out", str(tmp_path), "--markdown", str(md)]) == 0
+    result = json.loads((tmp_path / "precision.json").read_text())
+    assert result["seeds"] == [0, 1] and len(result["pdl-fast"]) == len(result["pdl-bf16"]) == 2
+    assert result["difference_db"] == [b - f for f, b in zip(result["pdl-fast"], result["pdl-bf16"])]
+    assert result["float32_spread_db"] == abs(result["pdl-fast"][0] - result["pdl-fast"][1])
+    assert result["pdl-fast"][0] != result["pdl-fast"][1]  # the seeds train different models
+    text = md.read_text()
+    assert "| 0 |" in text and "| 1 |" in text and "(the control)" in text
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--configs", "l1,nope"], "unknown configuration"),
     (["--steps", "0"], "expected a positive integer, got 0"),

@@ -15,6 +15,7 @@ LOSSES = {
     "PerceptualLoss": lambda **kw: fastloss.PerceptualLoss(layers=("relu2_2", "relu3_3"), extractor_weights=None, **kw),
     "D2SMLoss": lambda **kw: fastloss.D2SMLoss(extractor="vgg16", layer="relu3_3", extractor_weights=None,
                                                queue_size=16, **kw),
+    "FDLLoss": lambda **kw: fastloss.FDLLoss(layers=("relu2_2", "relu3_4"), num_proj=8, extractor_weights=None, **kw),
 }
 
 
@@ -191,8 +192,8 @@ def test_combine_equals_the_sum_with_the_pixel_term_once_and_one_pass_per_extrac
     torch.manual_seed(0)
     clean = photos(size=32, n=2)
     restored = (clean + 0.05 * torch.randn(clean.shape)).clamp(0, 1)
-    perc = fastloss.PerceptualLoss(layers=("relu2_2", "relu4_3"), extractor_weights=None)
-    pdl = fastloss.PDLLoss(layers=("relu3_3",), extractor_weights=None)
+    perc = fastloss.PerceptualLoss(layers=("relu2_2", "relu4_3"), extractor_weights=None, pixel_weight=1.0)
+    pdl = fastloss.PDLLoss(layers=("relu3_3",), extractor_weights=None, pixel_weight=1.0)
     d2sm = fastloss.D2SMLoss(extractor="vgg19", layer="relu2_2", extractor_weights=None, queue_size=8)
     _same_weights(perc, pdl)
     twin = fastloss.D2SMLoss(extractor="vgg19", layer="relu2_2", extractor_weights=None, queue_size=8)
@@ -219,8 +220,8 @@ def test_combine_mutation_a_second_pixel_term_is_seen():
     torch.manual_seed(0)
     clean = photos(size=32, n=2)
     restored = (clean + 0.05 * torch.randn(clean.shape)).clamp(0, 1)
-    perc = fastloss.PerceptualLoss(layers=("relu2_2",), extractor_weights=None)
-    pdl = fastloss.PDLLoss(layers=("relu2_2",), extractor_weights=None)
+    perc = fastloss.PerceptualLoss(layers=("relu2_2",), extractor_weights=None, pixel_weight=1.0)
+    pdl = fastloss.PDLLoss(layers=("relu2_2",), extractor_weights=None, pixel_weight=1.0)
     _same_weights(perc, pdl)
     combined = fastloss.combine(perc, pdl)
     assert combined(restored, clean).item() != pytest.approx((perc(restored, clean) + pdl(restored, clean)).item(),

@@ -23,10 +23,12 @@ _X = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 _Y = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 IMAGE_LOSSES = {
+    "PerceptualLoss": lambda **kw: fastloss.PerceptualLoss(extractor_weights=None, layers=("relu2_2",), **kw),
     "PDLLoss": lambda **kw: fastloss.PDLLoss(extractor_weights=None, layers=("relu2_2",), **kw),
     "D2SMLoss": lambda **kw: fastloss.D2SMLoss(extractor_weights=None, extractor="vgg16", layer="relu2_2",
                                                queue_size=8, **kw),
     "MDFLoss": lambda **kw: fastloss.MDFLoss(scales=2, **kw),
+    "FDLLoss": lambda **kw: fastloss.FDLLoss(extractor_weights=None, layers=("relu2_2",), num_proj=4, **kw),
 }
 
 

@@ -77,6 +77,20 @@ FAKE_TIMEOUT_LIMIT=$limit exec "$REAL_TIMEOUT" "$@"
 
 FAKE_NPROC = '#!/usr/bin/env bash\necho "$FAKE_CORES"\n'
 
+FAKE_SANITIZER = r'''#!/usr/bin/env bash
+# records its options and the environment's PYTORCH_NO_CUDA_MEMORY_CACHING, then runs the program
+opts=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --tool|--error-exitcode) opts+=("$1" "$2"); shift 2 ;;
+    --*) opts+=("$1"); shift ;;
+    *) break ;;
+  esac
+done
+echo "${opts[*]} caching_off=${PYTORCH_NO_CUDA_MEMORY_CACHING:-} program=$*" >> "$FAKE_SANITIZER_LOG"
+exec "$@"
+'''
+
 
 def _seconds(text):
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -87,7 +101,8 @@ def run_gpu_check(tmp_path, cores=16, script=SCRIPT, fail_shard=None):
     """Runs the script on the fakes; (completed process, out dir, python calls, timeout calls)."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    for name, text in (("python", FAKE_PYTHON), ("timeout", FAKE_TIMEOUT), ("nproc", FAKE_NPROC)):
+    for name, text in (("python", FAKE_PYTHON), ("timeout", FAKE_TIMEOUT), ("nproc", FAKE_NPROC),
+                       ("compute-sanitizer", FAKE_SANITIZER)):
         (fake / name).write_text(text)
         (fake / name).chmod(0o755)
     out, pylog, tlog = tmp_path / "out", tmp_path / "python-calls", tmp_path / "timeout-calls"
@@ -95,6 +110,7 @@ def run_gpu_check(tmp_path, cores=16, script=SCRIPT, fail_shard=None):
     tlog.mkdir()
     env = dict(os.environ, PYTHON=str(fake / "python"), REAL_PY=sys.executable, FAKE_LOG=str(pylog),
                FAKE_TIMEOUT_LOG=str(tlog), REAL_TIMEOUT=shutil.which("timeout"), FAKE_CORES=str(cores),
+               FAKE_SANITIZER_LOG=str(tmp_path / "sanitizer-calls"),
                PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", FAKE_FAIL_SHARD=str(fail_shard or ""))
     env.pop("FAKE_TIMEOUT_LIMIT", None)
     p = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True, env=env, timeout=120,
@@ -115,7 +131,8 @@ def test_every_step_starts_under_a_limit_and_the_limits_fit_ten_minutes(tmp_path
     assert p.returncode == 0, log
     assert "gpu-check: every step passed" in p.stdout, log
     summary = (out / "summary.txt").read_text()
-    for step in ("build", "selftest --full", "pytest", "benchmarks/gpu_ops.py", "fastloss-bench"):
+    for step in ("build", "selftest --full", "pytest", "benchmarks/gpu_ops.py", "fastloss-bench",
+                 "compute-sanitizer memcheck", "compute-sanitizer racecheck"):
         assert any(line.startswith("PASS  " + step) for line in summary.splitlines()), (step, summary)
 
     # each step's command started
@@ -124,6 +141,13 @@ def test_every_step_starts_under_a_limit_and_the_limits_fit_ten_minutes(tmp_path
     assert any(a.startswith("-m pytest") and "tests/common/test_gpu.py" in a for a in argvs), argvs
     assert any(a.startswith("benchmarks/gpu_ops.py") for a in argvs), argvs
     assert any(a.startswith("-m fastloss.bench --device cuda") for a in argvs), argvs
+    # the sanitizer ran the kernel driver under memcheck and racecheck, each reporting errors by its
+    # exit code, with the caching allocator off (an access past a tensor lands outside any allocation)
+    assert sum(a == "scripts/gpu-sanitize-cases.py" for a in argvs) == 2, argvs
+    sanitized = (tmp_path / "sanitizer-calls").read_text().splitlines()
+    for tool in ("memcheck", "racecheck"):
+        assert any(f"--tool {tool} --error-exitcode 1 caching_off=1 program=" in line
+                   and line.endswith("scripts/gpu-sanitize-cases.py") for line in sanitized), sanitized
     shards = _shards(calls)
     n = min(cores, 16)
     started = sorted(c["argv"][c["argv"].index("--shard") + 1] for c in shards)

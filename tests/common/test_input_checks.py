@@ -16,7 +16,8 @@ def _losses():
     torch.manual_seed(0)
     return [("PDLLoss", "restored", fastloss.PDLLoss(extractor_weights=None, layers=("relu2_2",))),
             ("D2SMLoss", "restored", fastloss.D2SMLoss(extractor_weights=None, layer="relu2_2", queue_size=4)),
-            ("MDFLoss", "pred", fastloss.MDFLoss(scales=1))]
+            ("MDFLoss", "pred", fastloss.MDFLoss(scales=1)),
+            ("FDLLoss", "restored", fastloss.FDLLoss(extractor_weights=None, layers=("relu2_2",), num_proj=4))]
 
 
 BAD = [
@@ -77,7 +78,8 @@ def test_range_check_samples_the_first_call_only():
 
 
 @pytest.mark.parametrize("cls,kw", [(fastloss.PDLLoss, {"layers": ("relu2_2",)}),
-                                    (fastloss.D2SMLoss, {"layer": "relu2_2", "queue_size": 4})])
+                                    (fastloss.D2SMLoss, {"layer": "relu2_2", "queue_size": 4}),
+                                    (fastloss.FDLLoss, {"layers": ("relu2_2",), "num_proj": 4})])
 def test_input_range_minus_one_one_equals_the_unit_range_loss(cls, kw):
     torch.manual_seed(0)
     a = cls(extractor_weights=None, **kw)

@@ -76,3 +76,27 @@ def test_basicsr_conventions_are_checked(registry):
         _build(registry, {"type": "MDFLoss", "no_such_key": 1})
     with pytest.raises(ValueError, match="per-pixel weight"):
         _build(registry, {"type": "MDFLoss"})(torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16), weight=torch.ones(1))
+
+
+def test_a_loss_in_perceptual_opt_unpacks_as_basicsr_models_do(registry):
+    """BasicSR's SRModel: ``l_percep, l_style = self.cri_perceptual(output, gt)``. A fastloss loss in
+    that slot returns the pair when built with ``perceptual_opt: true``; without it, unpacking a
+    0-dim tensor fails as it would in BasicSR."""
+    adapter.register(registry)
+    u, v = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    opt = {"type": "MDFLoss", "scales": 2, "loss_weight": 0.5}
+    with pytest.raises(TypeError, match="0-d tensor"):
+        l_percep, l_style = _build(registry, opt)(u, v)
+    l_percep, l_style = _build(registry, {**opt, "perceptual_opt": True})(u, v)
+    assert l_style is None
+    torch.testing.assert_close(l_percep, 0.5 * fastloss.MDFLoss(scales=2)(u, v))
+    cfg = [{"type": "PerceptualLoss", "layers": ["relu2_2"], "extractor_weights": None},
+           {"type": "PDLLoss", "layers": ["relu2_2"], "extractor_weights": None}]
+    l_percep, l_style = _build(registry, {"type": "FastlossCombinedLoss", "perceptual_opt": True, "losses": cfg})(u, v)
+    assert l_style is None and l_percep.dim() == 0
+    # FastlossPerceptualLoss returns the pair unless told it sits in pixel_opt
+    single = _build(registry, {"type": "FastlossPerceptualLoss", "perceptual_opt": False, "extractor_weights": None,
+                               "layers": ["relu1_2"]})(u, v)
+    assert isinstance(single, torch.Tensor) and single.dim() == 0
+    with pytest.raises(ValueError, match="perceptual_opt must be true or false"):
+        _build(registry, {**opt, "perceptual_opt": "yes"})

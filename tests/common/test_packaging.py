@@ -26,7 +26,7 @@ def test_skip_build_wheel_is_pure_python_with_kernels(pure_wheel):
     names = zipfile.ZipFile(pure_wheel).namelist()
     assert not [n for n in names if n.endswith(".so")]
     assert "fastloss/kernels/pdl.py" in names
-    for loss in ("pdl", "d2sm", "mdf"):  # every loss folder, found by setup.py without a list
+    for loss in ("pdl", "d2sm", "mdf", "fdl"):  # every loss folder, found by setup.py without a list
         assert {f"fastloss/{loss}/{m}.py" for m in ("__init__", "reference", "ops", "loss")} <= set(names), loss
     assert any(n.endswith("entry_points.txt") for n in names)
 

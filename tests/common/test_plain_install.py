@@ -1,6 +1,7 @@
 """The README's plain install, as a new user runs it: a fresh venv that already has this torch,
 then `pip install <checkout>` with pip's build isolation. It must not change torch, and the user
-must end up with the C++ kernels (built at install time against that torch) and a working MDFLoss.
+must end up with the C++ kernels (built at install time against that torch), a working MDFLoss and a
+README quick start that runs.
 Slow (it compiles the extension): `pytest -m slow tests/common/test_plain_install.py`."""
 import os
 import subprocess
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, readme_quickstart, write_vgg16_cache
 
 
 @pytest.mark.slow
@@ -36,5 +37,13 @@ def test_plain_pip_install_in_a_fresh_venv_keeps_torch_and_builds_the_kernels(tm
             "print(float(fastloss.MDFLoss()(x, x.flip(-1))))\n")
     run = subprocess.run([py, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), timeout=600,
                          env={k: v for k, v in os.environ.items() if not k.startswith("FASTLOSS_")})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert float(run.stdout.split()[-1]) > 0
+    # README's quick start, as a new user copies it (two steps; the VGG16 file in the cache, offline)
+    write_vgg16_cache(tmp_path / "torch")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTLOSS_")}
+    run = subprocess.run([py, "-c", readme_quickstart(steps=2) + "\nprint(float(loss))\n"], capture_output=True,
+                         text=True, cwd=str(tmp_path), timeout=600,
+                         env=dict(env, TORCH_HOME=str(tmp_path / "torch"), FASTLOSS_OFFLINE="1"))
     assert run.returncode == 0, run.stderr[-3000:]
     assert float(run.stdout.split()[-1]) > 0

@@ -18,6 +18,7 @@ from fastloss import _backend, selftest
 from conftest import requires_cpu_ext
 
 from fastloss.d2sm import ops as d2sm_ops
+from fastloss.mdf import ops as mdf_ops
 from fastloss.pdl import ops as pdl_ops
 
 
@@ -122,7 +123,7 @@ def test_shards_partition_the_cases():
 
 def test_list_and_bad_shard(capsys):
     assert selftest.main(["--list", "--losses", "mdf"]) == 0
-    out = capsys.readouterr().out.splitlines()
+    out = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
     assert out and all(line.startswith("mdf") for line in out)
     with pytest.raises(SystemExit) as e:
         selftest.main(["--shard", "3/2"])
@@ -221,6 +222,8 @@ def test_cpu_quick_passes(tmp_path):
     buf = io.StringIO()
     code, results = selftest.run("cpu", backends=["cpu"], out=buf)
     assert code == 0, buf.getvalue()
+    by_label = {c.label: c for c in selftest.cases(full=False)}
+    assert [selftest.acceptance_problem(by_label[r.case], r, "cpu") for r in results] == [None] * len(results)
     assert {r.loss for r in results if r.status == "pass"} == {"pdl", "d2sm", "mdf"}
     assert "FAIL" not in buf.getvalue() and "all passed" in buf.getvalue()
     assert selftest.main(["--device", "cpu", "--backends", "cpu", "--losses", "d2sm", "--json", str(out)]) == 0
@@ -238,7 +241,7 @@ def test_triton_quick_passes_under_the_interpreter():
     assert {c.loss for c in some} == {"pdl", "d2sm", "mdf"}
     code, results, text = _quick(["triton"], case_list=some)
     assert code == 0, text
-    assert all(r.status in ("pass", "n/a") for r in results)
+    assert [selftest.acceptance_problem(c, r, "cpu") for c, r in zip(some, results)] == [None] * len(some)
 
 
 def _pdl_only():
@@ -298,3 +301,170 @@ def test_mutation_a_swapped_permutation_fails(monkeypatch):
     code, results, text = _quick(["cpu"], case_list=cases)
     assert code == selftest.EXIT_MISMATCH, text
     assert any(r.errors.get("perm") == math.inf for r in results)
+
+
+# --------------------------------------------------------------------------- n/a is declared, never caught
+def _covered_pdl_case():
+    """A quick PDL float32 case: every backend's PDL row declares float32."""
+    case = next(c for c in selftest.cases(full=False) if c.loss == "pdl" and c.dtype == torch.float32)
+    assert torch.float32 in pdl_ops.IMPLS["cpu"].dtypes
+    return case
+
+
+@requires_cpu_ext
+def test_mutation_a_backend_error_in_a_covered_case_fails(monkeypatch):
+    """A backend row that refuses (BackendError) a case its table declares: the case is an error,
+    the run exits 1, and the GPU acceptance test's verdict (acceptance_problem) rejects it. The
+    harness used to turn this BackendError into n/a, which the acceptance test accepted."""
+    def refuse(real, *args):
+        raise _backend.BackendError("pdl: backend 'cpu' cannot run this input (a stub refusing a covered case)")
+
+    _wrap_forward(monkeypatch, pdl_ops.IMPLS, refuse)
+    case = _covered_pdl_case()
+    r = selftest._run_one(case, "cpu", "cpu")
+    assert r.status == "error" and "BackendError" in r.detail
+    assert selftest.acceptance_problem(case, r, "cpu") is not None
+    code, _, text = _quick(["cpu"], case_list=[case])
+    assert code == selftest.EXIT_MISMATCH and "ERROR" in text and "all passed" not in text
+
+
+def test_an_na_verdict_on_a_covered_case_is_rejected():
+    """What the old harness returned for a refused case (n/a) fails the acceptance verdict, and a
+    pass of a case outside the table (which should not have run) is rejected too."""
+    case = _covered_pdl_case()
+    na = dataclasses.replace(_result("n/a"), case=case.label, detail="refused")
+    assert selftest.acceptance_problem(case, na, "cpu") is not None
+    assert selftest.acceptance_problem(case, _result("pass"), "cpu") is None
+    half_mdf = next(c for c in selftest.cases(full=False) if c.loss == "mdf" and c.dtype == torch.bfloat16)
+    assert torch.bfloat16 not in mdf_ops.IMPLS["cpu"].dtypes  # the premise: the cpu MDF row declares no bfloat16
+    assert selftest.acceptance_problem(half_mdf, _result("n/a"), "cpu") is None
+    assert selftest.acceptance_problem(half_mdf, _result("pass"), "cpu") is not None
+
+
+def test_na_comes_from_the_table_before_the_case_runs_and_is_listed(monkeypatch):
+    """A dtype the row does not declare is n/a without running the case (its run would raise),
+    with the table named in the reason and the case in the closing n/a list; the same case with the
+    dtype declared runs (and here fails on the raising run)."""
+    ran = []
+
+    def run(backend, device, chk):
+        ran.append(backend)
+        raise RuntimeError("ran")
+
+    case = selftest.Case("probe", "pdl", torch.float64, run)
+    monkeypatch.setitem(pdl_ops.IMPLS, "cpu", dataclasses.replace(pdl_ops.IMPLS["cpu"], dtypes=(torch.float32,)))
+    monkeypatch.setattr(_backend, "why_not", lambda *a, **k: None)  # as if the cpu backend were built here
+    code, results, text = _quick(["cpu"], case_list=[case])
+    assert ran == [] and results[0].status == "n/a" and "IMPLS" in results[0].detail
+    listed = text.split("not applicable, outside what the backend declares (1):\n")[1]
+    assert listed.startswith("  cpu     probe [float64]: cpu pdl takes float32 (fastloss/pdl/ops.py IMPLS)")
+    assert code == selftest.EXIT_NOT_RUN  # nothing ran: not a pass
+    monkeypatch.setitem(pdl_ops.IMPLS, "cpu", dataclasses.replace(pdl_ops.IMPLS["cpu"], dtypes=(torch.float64,)))
+    code, results, _ = _quick(["cpu"], case_list=[case])
+    assert ran == ["cpu"] and results[0].status == "error" and code == selftest.EXIT_MISMATCH
+
+
+def test_not_applicable_raised_while_running_is_an_error(monkeypatch):
+    """n/a is decided up front (the table, the case's ``applies``); a case that raises
+    NotApplicable from its run is an error, while its ``applies`` hook is honoured."""
+    def run(backend, device, chk):
+        raise selftest.NotApplicable("decided too late")
+
+    monkeypatch.setattr(_backend, "why_not", lambda *a, **k: None)
+    late = selftest.Case("late", "pdl", torch.float32, run)
+    assert selftest._run_one(late, "cpu", "cpu").status == "error"
+    early = selftest.Case("early", "pdl", torch.float32, run, applies=lambda b, d: "a CUDA-only case")
+    r = selftest._run_one(early, "cpu", "cpu")
+    assert r.status == "n/a" and r.detail == "a CUDA-only case"
+
+
+def test_list_shows_backends_from_the_table(monkeypatch, capsys):
+    """``--list`` names the backends each case runs on, from the tables: take float32 out of the cpu
+    MDF row and every float32 MDF case lists cpu as n/a."""
+    def listing():
+        assert selftest.main(["--list", "--device", "cpu", "--losses", "mdf", "--dtypes", "float32"]) == 0
+        return [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+
+    before = listing()
+    assert before and all("runs: cpu" in line and "n/a" not in line for line in before)
+    monkeypatch.setitem(mdf_ops.IMPLS, "cpu", dataclasses.replace(mdf_ops.IMPLS["cpu"], dtypes=(torch.float64,)))
+    after = listing()
+    assert len(after) == len(before) and all("n/a: cpu: " in line and "runs: cpu" not in line for line in after)
+
+
+# --------------------------------------------------------------------------- the --huge cases, small
+from fastloss.selftest import huge  # noqa: E402
+
+
+@pytest.mark.parametrize("n", [7, 1031, 4099])
+def test_huge_construction_has_sorted_difference_one(n):
+    """The construction the --huge cases rely on: sort(x) - sort(y) = 1 at every rank, ties and
+    all, checked with torch.sort at sizes where that is cheap; rows use disjoint value ranges."""
+    x, y = huge.constructed(2, 3, n, torch.float16, "cpu")
+    d = torch.sort(x.double(), -1).values - torch.sort(y.double(), -1).values
+    assert torch.equal(d, torch.ones_like(d))
+    assert not torch.equal(torch.sort(x[0, 0]).values, x[0, 0])  # the rows are not already sorted
+    assert x[0, 0].min() > 0 and x[0, 1].max() <= 0
+
+
+def _small_huge(p):
+    return huge._pdl_huge_case(p, n=1031, rows=(2, 3), backends_device_types=("cpu", "cuda"))
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("p", [1, 2])
+def test_huge_case_body_passes_on_cpu_at_a_small_size(p):
+    r = selftest._run_one(_small_huge(p), "cpu", "cpu")
+    assert r.status == "pass", (r.detail, r.errors)
+    assert selftest._run_one(huge._pdl_huge_case(p), "cpu", "cpu").status == "n/a"  # the real size: CUDA only
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("mutant", ["wrapped offsets", "duplicate rank"])
+def test_mutation_the_huge_case_catches_wrong_offsets(monkeypatch, mutant):
+    """A forward that reads row 0's data for row 1 (an offset that wrapped), or a permutation that
+    names one element twice (another left unwritten by the backward), fails the small case."""
+    def wrapped(real, pred, target, *rest):
+        pred = pred.clone()
+        pred[:, 1:] = pred[:, :1]
+        return real(pred, target, *rest)
+
+    def duplicate(real, *args):
+        w, perm, *rest = real(*args)
+        perm = perm.clone()
+        perm[..., 0] = perm[..., 1]
+        return (w, perm, *rest)
+
+    _wrap_forward(monkeypatch, pdl_ops.IMPLS, wrapped if mutant == "wrapped offsets" else duplicate)
+    r = selftest._run_one(_small_huge(1), "cpu", "cpu")
+    assert r.status in ("fail", "error"), (r.detail, r.errors)
+
+
+@pytest.mark.parametrize("mode", ["paper", "pkt"])
+@pytest.mark.parametrize("q, a", [(8, 3), (37, 18), (301, 150)])
+def test_d2sm_two_clusters_closed_form_equals_the_reference(mode, q, a):
+    """The closed form the --huge D2SM case compares with, against d2sm_reference in float64."""
+    x = torch.zeros(q, 2, dtype=torch.float64)
+    x[:, 0] = 1
+    y = torch.zeros(q, 2, dtype=torch.float64)
+    y[:a, 0] = 1
+    y[a:, 1] = 1
+    ref = float(fastloss.d2sm_reference(x, y, mode=mode, eps=1e-6))
+    assert ref > 1e-6  # something to compare
+    assert huge.d2sm_two_clusters(q, a, mode, 1e-6) == pytest.approx(ref, rel=1e-12)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("mode", ["paper", "pkt"])
+def test_huge_d2sm_case_body_passes_on_cpu_at_a_small_size(mode, monkeypatch):
+    small = huge._d2sm_huge_case(mode, q=301, backends_device_types=("cpu", "cuda"))
+    r = selftest._run_one(small, "cpu", "cpu")
+    assert r.status == "pass", (r.detail, r.errors)
+    assert selftest._run_one(huge._d2sm_huge_case(mode), "cpu", "cpu").status == "n/a"
+
+    def off(real, *args):  # a loss 1e-2 off, as a wrapped offset reading other entries would give
+        loss, *rest = real(*args)
+        return (loss * 1.01, *rest)
+
+    _wrap_forward(monkeypatch, d2sm_ops.IMPLS, off)
+    assert selftest._run_one(small, "cpu", "cpu").status == "fail"

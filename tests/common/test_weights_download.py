@@ -97,6 +97,7 @@ LOSSES = {
     "PDLLoss": lambda: fastloss.PDLLoss(layers=("relu1_2",)),
     "D2SMLoss": lambda: fastloss.D2SMLoss(extractor="vgg16", layer="relu1_2", queue_size=8),
     "PerceptualLoss": lambda: fastloss.PerceptualLoss(layers=("relu1_2",)),
+    "FDLLoss": lambda: fastloss.FDLLoss(extractor="vgg16", layers=("relu1_2",), num_proj=4),
 }
 
 

@@ -122,3 +122,103 @@ def test_without_a_process_group_it_is_one_process():
     x, y = _batches()[0]
     out = fastloss.D2SMQueue(QUEUE, mode="pkt")(x, y)
     torch.testing.assert_close(out, fastloss.d2sm_reference(x, y, "pkt"), rtol=1e-10, atol=0)
+
+
+# --------------------------------------------------------------------------- no per-step host read
+SYNC_STEPS = 4
+
+
+def _host_read_worker(rank, port, out_dir, backend, per_step_check):
+    """Steps after a warm-up: every dist.all_gather call and every host read (item, int, float,
+    bool, tolist) made by fastloss's own code, recorded per step. ``per_step_check``: the mutant
+    that checks the batch sizes on every call, as the queue used to."""
+    import sys
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        queue = fastloss.D2SMQueue(QUEUE, mode="pkt", backend=backend)
+        batches = _batches()
+        own = str(Path(fastloss.__file__).resolve().parent)
+        log = []
+
+        def x_y(i):
+            x_all, y_all = batches[i % len(batches)]
+            return x_all[rank * B:(rank + 1) * B].clone().requires_grad_(), y_all[rank * B:(rank + 1) * B]
+
+        x, y = x_y(0)
+        queue(x, y).backward()  # warm-up: allocation, the first batch-size check
+        real_gather = dist.all_gather
+
+        def gather(*args, **kwargs):
+            log[-1].append("dist.all_gather")
+            return real_gather(*args, **kwargs)
+
+        def guard(name, original):
+            def wrapped(*args, **kwargs):
+                caller = sys._getframe(1)
+                if str(Path(caller.f_code.co_filename).resolve()).startswith(own):
+                    log[-1].append(f"Tensor.{name} in {caller.f_code.co_name}")
+                return original(*args, **kwargs)
+            return wrapped
+
+        methods = ("item", "__int__", "__float__", "__bool__", "tolist")
+        saved = {m: getattr(torch.Tensor, m) for m in methods}
+        dist.all_gather = gather
+        for m in methods:
+            setattr(torch.Tensor, m, guard(m, saved[m]))
+        try:
+            for i in range(1, SYNC_STEPS + 1):
+                log.append([])
+                if per_step_check:
+                    queue._sizes_checked = None
+                x, y = x_y(i)
+                queue(x, y).backward()
+        finally:
+            dist.all_gather = real_gather
+            for m in methods:
+                setattr(torch.Tensor, m, saved[m])
+        torch.save(log, os.path.join(out_dir, f"log{rank}.pt"))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _host_reads(tmp_path, per_step_check):
+    backend = "triton" if _backend.why_not("triton", torch.device("cpu"), torch.float64) is None else None
+    if backend is None:
+        pytest.skip("needs a backend whose queue keeps no host state: triton on CPU tensors (TRITON_INTERPRET=1)")
+    mp.spawn(_host_read_worker, args=(_free_port(), str(tmp_path), backend, per_step_check), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"log{rank}.pt") for rank in range(WORLD)]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_gloo_steps_make_one_collective_and_no_host_read(tmp_path):
+    """After the first call, a step under gloo all-gathers the rows once and reads nothing back
+    on the host (the batch sizes were checked on the first call)."""
+    for log in _host_reads(tmp_path, per_step_check=False):
+        assert log == [["dist.all_gather"]] * SYNC_STEPS, log
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_mutation_a_per_step_size_check_is_caught(tmp_path):
+    """The queue as it was (the batch sizes gathered and read every call) fails that check."""
+    for log in _host_reads(tmp_path, per_step_check=True):
+        assert log != [["dist.all_gather"]] * SYNC_STEPS
+        assert all(any("item" in e for e in step) and step.count("dist.all_gather") == 2 for step in log), log
+
+
+def test_batch_sizes_are_checked_again_when_the_batch_changes(monkeypatch):
+    """Without a process group: the check runs on the first call of a world size and batch size
+    and again when the batch size changes (a stub world of 2 ranks that agree)."""
+    from fastloss.d2sm import queue as qmod
+
+    checks = []
+    monkeypatch.setattr(qmod, "_dist_world", lambda: (2, 0))
+    monkeypatch.setattr(qmod, "_check_batch_sizes", lambda p, op: checks.append(p.shape[0]))
+    monkeypatch.setattr(qmod, "_all_gather_rows", lambda p, t, op: (torch.cat([p, p]), torch.cat([t, t])))
+    queue = fastloss.D2SMQueue(QUEUE, mode="pkt", backend="reference")
+    for b in (3, 3, 3, 2, 2, 3):
+        queue(torch.rand(b, D, dtype=torch.float64), torch.rand(b, D, dtype=torch.float64))
+    assert checks == [3, 2, 3]
