@@ -162,8 +162,9 @@ def _mkldnn_pointwise_ok():
         ok = False
         try:
             op = torch.ops.mkldnn._convolution_pointwise
-            x = torch.randn(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
-            w, b = torch.randn(4, 3, 3, 3), torch.randn(4)
+            g = torch.Generator().manual_seed(0)  # its own: the user's seeded global stream stays as it is
+            x = torch.randn(2, 3, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
+            w, b = torch.randn(4, 3, 3, 3, generator=g), torch.randn(4, generator=g)
             y = op(x, w, b, [0, 0], [1, 1], [1, 1], 1, "leaky_relu", [0.2], "")
             ok = bool(torch.allclose(y, F.leaky_relu(F.conv2d(x, w, b), 0.2), atol=1e-5))
         except Exception:  # noqa: BLE001 - an optional fusion; the fallback is exact

@@ -229,3 +229,16 @@ def test_prepacked_convolutions_match_plain_ones(monkeypatch):
         for a, b in zip(packed, plain):  # equal here; another oneDNN build may block the sums differently
             assert _norm_rel(a.reshape(-1), b.reshape(-1)) <= 1e-2
     assert L._mkldnn_packed_ok() == L._MKLDNN_PACKED[0]
+
+
+def test_the_onednn_probe_leaves_the_global_random_stream_alone(monkeypatch):
+    """A user's seeded run draws the same numbers whether or not the first MDFLoss call probed
+    oneDNN's fused convolution."""
+    from fastloss.mdf import ops
+
+    monkeypatch.setattr(ops, "_MKLDNN_POINTWISE", [None])
+    torch.manual_seed(123)
+    ops._mkldnn_pointwise_ok()
+    after_probe = torch.rand(4)
+    torch.manual_seed(123)
+    torch.testing.assert_close(after_probe, torch.rand(4), rtol=0, atol=0)
