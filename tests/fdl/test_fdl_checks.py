@@ -22,7 +22,7 @@ def make(**kw):
     ({"patch_size": 0}, "FDLLoss: patch_size must be an int >= 1, got 0"),
     ({"phase_weight": -1.0}, r"FDLLoss: phase_weight must be a finite number >= 0, got -1.0"),
     ({"phase_weight": float("nan")}, r"FDLLoss: phase_weight must be a finite number >= 0, got nan"),
-    ({"pixel_weight": -0.1}, r"FDLLoss: pixel_weight must be a finite number >= 0, got -0.1"),
+    ({"pixel_weight": -0.1}, r"FDLLoss: pixel_weight must be a finite number >= 0 \(the weight of the pixel L1 term, 0 = none\), got -0.1"),
     ({"layers": ()}, "FDLLoss: layers must name at least one layer"),
     ({"layers": ("relu1_2", "relu1_2")}, "FDLLoss: layers has repeats"),
     ({"layers": ("relu9_9",)}, "unknown layer"),
