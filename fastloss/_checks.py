@@ -1,5 +1,6 @@
 """Input checks shared by the image losses (PDLLoss, D2SMLoss, MDFLoss): every message names the
 loss and the argument, says what was wrong in the user's terms and how to fix it."""
+import math
 import warnings
 
 import torch
@@ -100,7 +101,7 @@ class RangeCheck:
 def check_pixel_weight(loss, pixel_weight):
     """``pixel_weight`` as a float: a finite number >= 0 (the weight of the pixel L1 term)."""
     if isinstance(pixel_weight, bool) or not isinstance(pixel_weight, (int, float)) \
-            or not pixel_weight >= 0 or pixel_weight == float("inf"):
+            or not math.isfinite(pixel_weight) or pixel_weight < 0:
         raise ValueError(f"{loss}: pixel_weight must be a finite number >= 0 (the weight of the pixel L1 term, "
                          f"0 = none), got {pixel_weight!r}")
     return float(pixel_weight)
