@@ -41,7 +41,7 @@ def main():
             y = torch.randn(b, c, n, generator=g, device=dev).to(dtype)
             w, perm, perm_t, deriv = torch.ops.fastloss.pdl_forward(x, y, p, tg, "cuda")
             gw = torch.ones_like(w)
-            torch.ops.fastloss.pdl_backward(gw, perm, perm_t, deriv, True, tg, dtype, "cuda")
+            torch.ops.fastloss.pdl_backward(gw, perm, perm_t, deriv, True, tg, dtype, False, "cuda")
             calls += 2
     for q in (2, 37, 300):
         for mode in ("paper", "pkt"):

@@ -13,6 +13,17 @@ if not torch.cuda.is_available():
 # raises instead of downloading (tests/common/test_weights_download.py unsets it against a local server).
 os.environ["FASTLOSS_OFFLINE"] = "1"
 
+# torch.compile's on-disk cache is per run: its key does not cover a custom op's registered
+# backward, so graphs compiled by an earlier checkout would call that checkout's op signatures
+# (seen when fastloss::pdl_backward gained an argument).
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastloss-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+
 import pytest  # noqa: E402
 
 import fastloss  # noqa: E402

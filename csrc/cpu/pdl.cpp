@@ -117,10 +117,13 @@ std::vector<at::Tensor> pdl_forward(const at::Tensor& pred, const at::Tensor& ta
 
 // grad_w [B, C], perm / perm_t / deriv from pdl_forward. Writes
 //   grad_pred[r, perm[r,i]] = g[r] * deriv[r,i] / N,  grad_target[r, perm_t[r,i]] = -(same)
-// as contiguous [B, C, N] tensors of `out_dtype`; undefined where that gradient is not needed.
+// as [B, C, N] tensors of `out_dtype`, undefined where that gradient is not needed: contiguous,
+// or with `channels_inner` the layout of a channels_last feature map's flatten(2) (strides
+// C*N, 1, C), so that the gradient meets the backbone's channels_last one without a relayout.
 std::vector<at::Tensor> pdl_backward(const at::Tensor& grad_w, const at::Tensor& perm,
                                      const at::Tensor& perm_t, const at::Tensor& deriv,
-                                     bool need_pred, bool need_target, at::ScalarType out_dtype) {
+                                     bool need_pred, bool need_target, at::ScalarType out_dtype,
+                                     bool channels_inner) {
   TORCH_CHECK(perm.dim() == 3 && deriv.sizes() == perm.sizes(), "pdl_backward (cpu): bad saved tensors");
   TORCH_CHECK(!need_target || perm_t.sizes() == perm.sizes(), "pdl_backward (cpu): target permutation was not saved");
   const int64_t B = perm.size(0), C = perm.size(1), N = perm.size(2);
@@ -130,8 +133,9 @@ std::vector<at::Tensor> pdl_backward(const at::Tensor& grad_w, const at::Tensor&
   TORCH_CHECK(sign_only || deriv.scalar_type() == acc_type, "pdl_backward (cpu): deriv dtype does not match out_dtype");
   const at::Tensor g = grad_w.to(acc_type).contiguous();
   auto opts = perm.options().dtype(out_dtype);
-  at::Tensor gp = need_pred ? at::empty({B, C, N}, opts) : at::Tensor();
-  at::Tensor gt = need_target ? at::empty({B, C, N}, opts) : at::Tensor();
+  auto make = [&] { return channels_inner ? at::empty({B, N, C}, opts).transpose(1, 2) : at::empty({B, C, N}, opts); };
+  at::Tensor gp = need_pred ? make() : at::Tensor();
+  at::Tensor gt = need_target ? make() : at::Tensor();
   if (B * C == 0 || (!need_pred && !need_target)) return {gp, gt};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "pdl_backward_cpu", [&] {
@@ -145,21 +149,39 @@ std::vector<at::Tensor> pdl_backward(const at::Tensor& grad_w, const at::Tensor&
     out_t* gp_ptr = need_pred ? gp.data_ptr<out_t>() : nullptr;
     out_t* gt_ptr = need_target ? gt.data_ptr<out_t>() : nullptr;
     const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
-    const int64_t grain = std::max<int64_t>(1, 32768 / N);
+    // Row r = (b, c) starts at offset b*C*N + c*N (contiguous) or b*C*N + c (channels inner), and
+    // its element i is `sn` further on per position.
+    const int64_t sn = channels_inner ? C : 1;
+    auto row_offset = [&](int64_t r) { return channels_inner ? (r / C) * C * N + r % C : r * N; };
     auto scatter = [&](int64_t r, const int32_t* pr, out_t* o, acc_t gr) {
       if (sign_only) {
         const int8_t* sr = sign_ptr + r * N;
-        for (int64_t i = 0; i < N; ++i) o[pr[i]] = static_cast<out_t>(gr * static_cast<acc_t>(sr[i]));
+        for (int64_t i = 0; i < N; ++i) o[pr[i] * sn] = static_cast<out_t>(gr * static_cast<acc_t>(sr[i]));
       } else {
         const acc_t* dr = d2_ptr + r * N;
-        for (int64_t i = 0; i < N; ++i) o[pr[i]] = static_cast<out_t>(gr * dr[i]);
+        for (int64_t i = 0; i < N; ++i) o[pr[i] * sn] = static_cast<out_t>(gr * dr[i]);
       }
     };
-    at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
+    auto rows = [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const acc_t gr = g_ptr[r] * inv_n;
-        if (gp_ptr != nullptr) scatter(r, p_ptr + r * N, gp_ptr + r * N, gr);
-        if (gt_ptr != nullptr) scatter(r, pt_ptr + r * N, gt_ptr + r * N, -gr);
+        if (gp_ptr != nullptr) scatter(r, p_ptr + r * N, gp_ptr + row_offset(r), gr);
+        if (gt_ptr != nullptr) scatter(r, pt_ptr + r * N, gt_ptr + row_offset(r), -gr);
+      }
+    };
+    if (!channels_inner) {
+      at::parallel_for(0, B * C, std::max<int64_t>(1, 32768 / N), rows);
+      return;
+    }
+    // Channels inner: one 64-byte line holds `group` neighbouring channels of a position, so a
+    // task takes whole groups of one image (no line written by two threads) and its rows revisit
+    // the same N lines while they are in cache.
+    const int64_t group = std::max<int64_t>(1, 64 / static_cast<int64_t>(sizeof(out_t)));
+    const int64_t groups = (C + group - 1) / group;
+    at::parallel_for(0, B * groups, std::max<int64_t>(1, 32768 / (N * group)), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t b = t / groups, c0 = (t % groups) * group;
+        rows(b * C + c0, b * C + std::min(C, c0 + group));
       }
     });
   });
@@ -173,7 +195,7 @@ void register_pdl(pybind11::module& m) {
   m.def("set_cpu_isa", &set_cpu_isa, "Switch the CPU sorting kernels' instruction set (for tests)", pybind11::arg("isa"));
   m.def("pdl_backward", &pdl_backward, "PDL permutation-cached backward on the CPU", pybind11::arg("grad_w"),
         pybind11::arg("perm"), pybind11::arg("perm_t"), pybind11::arg("deriv"), pybind11::arg("need_pred"),
-        pybind11::arg("need_target"), pybind11::arg("out_dtype"));
+        pybind11::arg("need_target"), pybind11::arg("out_dtype"), pybind11::arg("channels_inner") = false);
 }
 
 }  // namespace fastloss

@@ -16,15 +16,37 @@ from .reference import NORMALIZATIONS, REDUCTIONS, convention, pdl_reference, re
 
 _OP = "pdl"
 
+
+def _relayout_after(backward):
+    """A backward whose kernel writes contiguous [B, C, N] rows, returning them channels-inner
+    (one copy) when asked: see ``channels_inner``."""
+    def call(grad_w, perm, perm_t, deriv, need_pred, need_target, out_dtype, inner):
+        grads = backward(grad_w, perm, perm_t, deriv, need_pred, need_target, out_dtype)
+        return tuple(g.transpose(1, 2).contiguous().transpose(1, 2) if inner and g is not None else g for g in grads)
+    call.__name__ = call.__qualname__ = getattr(backward, "__name__", "backward")
+    return call
+
+
 # backend -> (forward, backward): the fused sort + distance, and the permutation scatter
 #   forward(pred [B,C,N], target, p, target_grad) -> (w [B,C], perm [B,C,N] int32, perm_t, deriv)
-#   backward(grad_w, perm, perm_t, deriv, need_pred, need_target, out_dtype) -> (grad_pred, grad_target)
+#   backward(grad_w, perm, perm_t, deriv, need_pred, need_target, out_dtype, channels_inner)
+#       -> (grad_pred, grad_target), laid out as channels_inner says
+# The cpu kernel writes the channels-inner layout itself; triton and cuda relayout after.
 IMPLS = {
     "reference": _ops.Impl(formula=True),  # pdl_reference: torch.sort and autograd
     "cpu": _ops.Impl(_ops.cpu("pdl_forward"), _ops.cpu("pdl_backward")),
-    "triton": _ops.Impl(_ops.triton("pdl", "pdl_forward"), _ops.triton("pdl", "pdl_backward")),
-    "cuda": _ops.Impl(_ops.cuda("pdl_forward"), _ops.cuda("pdl_backward")),
+    "triton": _ops.Impl(_ops.triton("pdl", "pdl_forward"), _relayout_after(_ops.triton("pdl", "pdl_backward"))),
+    "cuda": _ops.Impl(_ops.cuda("pdl_forward"), _relayout_after(_ops.cuda("pdl_backward"))),
 }
+
+
+def channels_inner(x: Tensor) -> bool:
+    """Whether [B, C, N] ``x`` is a channels_last feature map's ``flatten(2)`` (strides C*N, 1, C,
+    C > 1 and N > 1): its gradient is then written in that layout, so that it meets the
+    backbone's channels_last gradients (their sum, the ReLU mask, the convolution's backward)
+    without a relayout in every op (measured: 7% of a bfloat16 PDL training step on the CPU)."""
+    B, C, N = x.shape
+    return C > 1 and N > 1 and x.stride(1) == 1 and x.stride(2) == C and x.stride(0) == C * N
 
 
 # --------------------------------------------------------------------------- input checks
@@ -66,18 +88,22 @@ def _(pred, target, p, target_grad, backend):
 
 @torch.library.custom_op("fastloss::pdl_backward", mutates_args=())
 def _pdl_backward(grad_w: Tensor, perm: Tensor, perm_t: Tensor, deriv: Tensor, need_pred: bool,
-                  need_target: bool, out_dtype: torch.dtype, backend: str) -> Tuple[Tensor, Tensor]:
-    """Scatter g * deriv / N through the saved permutations; an empty tensor where not needed."""
-    gp, gt = IMPLS[backend].backward(grad_w, perm, perm_t, deriv, need_pred, need_target, out_dtype)
+                  need_target: bool, out_dtype: torch.dtype, channels_inner: bool, backend: str
+                  ) -> Tuple[Tensor, Tensor]:
+    """Scatter g * deriv / N through the saved permutations; an empty tensor where not needed.
+    ``channels_inner``: the gradients have strides (C*N, 1, C), else they are contiguous."""
+    gp, gt = IMPLS[backend].backward(grad_w, perm, perm_t, deriv, need_pred, need_target, out_dtype,
+                                     channels_inner)
     empty = perm.new_empty((0,), dtype=out_dtype)
     return (gp if need_pred else empty), (gt if need_target else empty)
 
 
 @_pdl_backward.register_fake
-def _(grad_w, perm, perm_t, deriv, need_pred, need_target, out_dtype, backend):
-    shape = tuple(perm.shape)
-    return (perm.new_empty(shape if need_pred else (0,), dtype=out_dtype),
-            perm.new_empty(shape if need_target else (0,), dtype=out_dtype))
+def _(grad_w, perm, perm_t, deriv, need_pred, need_target, out_dtype, channels_inner, backend):
+    B, C, N = perm.shape
+    strides = (C * N, 1, C) if channels_inner else (C * N, N, 1)
+    return (perm.new_empty_strided((B, C, N), strides, dtype=out_dtype) if need_pred else perm.new_empty((0,), dtype=out_dtype),
+            perm.new_empty_strided((B, C, N), strides, dtype=out_dtype) if need_target else perm.new_empty((0,), dtype=out_dtype))
 
 
 _DOUBLE_BACKWARD = ("pdl: double backward (create_graph=True) is not supported: the "
@@ -90,6 +116,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(perm, perm_t, deriv)
     ctx.backend = backend
     ctx.dtype = pred.dtype
+    ctx.channels_inner = channels_inner(pred)
     ctx.mark_non_differentiable(perm, perm_t, deriv)
     # Without this, autograd hands the backward a zero-filled gradient for each of perm, perm_t
     # and deriv (5 bytes per element): more than the gradient of pred itself.
@@ -103,7 +130,8 @@ def _backward(ctx, grad_w, *_):
         return None, None, None, None, None
     perm, perm_t, deriv = ctx.saved_tensors
     need_pred, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    gp, gt = _pdl_backward(grad_w, perm, perm_t, deriv, need_pred, need_target, ctx.dtype, ctx.backend)
+    gp, gt = _pdl_backward(grad_w, perm, perm_t, deriv, need_pred, need_target, ctx.dtype, ctx.channels_inner,
+                           ctx.backend)
     return (gp if need_pred else None), (gt if need_target else None), None, None, None
 
 

@@ -78,7 +78,7 @@ def _pdl_huge_case(p, n=HUGE_N, rows=HUGE_ROWS, dtype=torch.float16, backends_de
         chk.true(f"deriv = {expect} at every rank", bool((deriv == expect).all()))
         poison(device)
         g = torch.full((b, c), float(n), dtype=w.dtype, device=device)  # g / N = 1
-        gp, gt = torch.ops.fastloss.pdl_backward(g, perm, perm_t, deriv, True, True, dtype, backend)
+        gp, gt = torch.ops.fastloss.pdl_backward(g, perm, perm_t, deriv, True, True, dtype, False, backend)
         del perm, perm_t, deriv
         tol = TOL[dtype]
         chk.true(f"grad pred = {expect} everywhere (within {tol})", bool(((gp.float() - expect).abs() <= tol * expect).all()))

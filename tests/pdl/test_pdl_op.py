@@ -11,7 +11,7 @@ import torch
 import fastloss
 from fastloss import _backend, _ext
 from fastloss.pdl import pdl_reference
-from fastloss.pdl.ops import _pdl_forward
+from fastloss.pdl.ops import _pdl_backward, _pdl_forward
 
 from conftest import requires_cpu_ext
 from helpers import (assert_compiled_matches_eager, assert_explicit_backend_cannot_run, pair_bad_inputs,
@@ -41,6 +41,7 @@ SHAPES = [
     ((3, 1, 17), "randn", "contiguous"),         # C = 1
     ((2, 5, 9, 11), "ties", "contiguous"),       # ties
     ((2, 6, 6, 5), "randn", "channels_last"),
+    ((3, 37, 5, 7), "ties", "channels_last"),    # channels_last across the backward's channel groups
     ((2, 3, 4, 6), "randn", "transposed"),
     ((2, 8, 3, 5), "ties", "sliced"),
     ((1, 2, 128, 128), "randn", "contiguous"),   # N = 128 x 128
@@ -77,7 +78,7 @@ def test_cpu_parity_float32(shape, kind, layout, p):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("p", [1, 2])
 def test_cpu_parity_dtypes(dtype, p):
-    for shape, kind, layout in SHAPES[:7]:
+    for shape, kind, layout in SHAPES[:8]:
         _check("cpu", shape, kind, layout, dtype, p, "none", True)
 
 
@@ -312,6 +313,40 @@ def test_opcheck():
         x = torch.randn(2, 3, 7, requires_grad=True)
         y = torch.randn(2, 3, 7, requires_grad=tg)
         torch.library.opcheck(_pdl_forward, (x, y, p, tg, "cpu"))
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_has_the_layout_of_the_features(backend, dtype):
+    """A channels_last feature map gets a channels_last gradient (so that it meets the backbone's
+    channels_last gradients without a relayout in every op), a contiguous one a contiguous one;
+    the values are the reference's either way."""
+    if backend == "triton" and _backend.why_not("triton", torch.device("cpu"), dtype) is not None:
+        pytest.skip(_backend.why_not("triton", torch.device("cpu"), dtype))
+    for layout in ("channels_last", "contiguous"):
+        x, y = _inputs((2, 19, 3, 5), dtype, "ties", layout)
+        x1, y1 = x.clone().requires_grad_(), y.clone().requires_grad_()
+        x2, y2 = x.clone().requires_grad_(), y.clone().requires_grad_()
+        g = torch.rand(2, dtype=dtype) + 0.5
+        fastloss.pdl(x1, y1, reduction="none", backend=backend).backward(g)
+        pdl_reference(x2, y2, reduction="none").backward(g)
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        for got, want in ((x1.grad, x2.grad), (y1.grad, y2.grad)):
+            assert got.is_contiguous(memory_format=fmt), (layout, got.stride())
+            torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@requires_cpu_ext
+def test_backward_opcheck_both_layouts():
+    x, y = _inputs((2, 5, 3, 4), torch.float32, "randn", "channels_last")
+    for inner in (True, False):
+        a, b = (x, y) if inner else (x.contiguous(), y.contiguous())
+        _, perm, perm_t, deriv = _pdl_forward(a.flatten(2), b.flatten(2), 1, True, "cpu")
+        torch.library.opcheck(_pdl_backward, (torch.rand(2, 5), perm, perm_t, deriv, True, True, torch.float32,
+                                              inner, "cpu"))
+        gp, gt = _pdl_backward(torch.rand(2, 5), perm, perm_t, deriv, True, True, torch.float32, inner, "cpu")
+        assert gp.stride() == gt.stride() == ((60, 1, 5) if inner else (60, 12, 1))  # C = 5, N = 12
 
 
 @requires_cpu_ext
