@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -72,6 +73,48 @@ void set_cpu_isa(const std::string& isa) {
   use_avx2().store(isa == "avx2");
 }
 
+// Whether rows of C channels and N positions with strides (channel sc, position sn) are a
+// channels_last feature map's flatten(2): each position's C channels side by side.
+static bool channels_inner(int64_t C, int64_t N, int64_t sc, int64_t sn) {
+  return C > 1 && N > 1 && sc == 1 && sn == C;
+}
+
+// out[j * N + i] = x[i * C + j] for j < g <= G: g channels of a channels_last map as rows. In
+// blocks of 64 positions; a full group's channel loop has a constant trip count, so the compiler
+// unrolls it into vector loads.
+template <int64_t G, typename scalar_t, typename acc_t>
+void gather_channels(const scalar_t* x, int64_t C, int64_t N, int64_t g, acc_t* out) {
+  constexpr int64_t kBlock = 64;
+  for (int64_t i0 = 0; i0 < N; i0 += kBlock) {
+    const int64_t i1 = std::min(N, i0 + kBlock);
+    if (g == G) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const scalar_t* xi = x + i * C;
+        for (int64_t j = 0; j < G; ++j) out[j * N + i] = static_cast<acc_t>(xi[j]);
+      }
+    } else {
+      for (int64_t i = i0; i < i1; ++i) {
+        const scalar_t* xi = x + i * C;
+        for (int64_t j = 0; j < g; ++j) out[j * N + i] = static_cast<acc_t>(xi[j]);
+      }
+    }
+  }
+}
+
+// out[j * N + i] = x[j * sc + i * sn] for j < g: g rows of any strides, contiguous.
+template <typename scalar_t, typename acc_t>
+void gather_rows(const scalar_t* x, int64_t sc, int64_t sn, int64_t N, int64_t g, acc_t* out) {
+  for (int64_t j = 0; j < g; ++j) {
+    const scalar_t* xj = x + j * sc;
+    acc_t* oj = out + j * N;
+    if (sn == 1) {
+      for (int64_t i = 0; i < N; ++i) oj[i] = static_cast<acc_t>(xj[i]);
+    } else {
+      for (int64_t i = 0; i < N; ++i) oj[i] = static_cast<acc_t>(xj[i * sn]);
+    }
+  }
+}
+
 // pred, target: [B, C, N], any strides, same dtype. Returns
 //   w      [B, C]    acc dtype (float32, or float64 for float64 input)
 //   perm   [B, C, N] int32, stable argsort of the pred rows
@@ -107,9 +150,44 @@ std::vector<at::Tensor> pdl_forward(const at::Tensor& pred, const at::Tensor& ta
     acc_t* d2_ptr = p == 2 ? deriv.data_ptr<acc_t>() : nullptr;
     const int64_t grain = std::max<int64_t>(1, 32768 / N);
 
+    const bool avx2 = use_avx2().load();
+    const bool inner = channels_inner(C, N, psc, psn) && channels_inner(C, N, tsc, tsn);
+    constexpr bool kReduced = std::is_same<scalar_t, at::Half>::value || std::is_same<scalar_t, at::BFloat16>::value;
+    if (inner || kReduced) {
+      // Rows copied to contiguous acc_t rows, `kGroup` neighbouring channels of one image per
+      // task, then sorted as such. A channels_last feature map's flatten(2) has a row's values C
+      // apart, one cache line per value: the copy reads whole lines (float32 VGG16 features of
+      // 4 x 96 x 96 images: 1.5x faster than reading the rows in place, measured here). float16
+      // and bfloat16 rows, of any layout, run the float32 kernels (bfloat16 ones: 1.5x faster).
+      // Fewer rows a task where rows are long: a thread's copies stay within 8 MiB (float32).
+      constexpr int64_t kGroup = 8;
+      const int64_t group = std::clamp<int64_t>((int64_t(1) << 20) / N, 1, kGroup);
+      const int64_t groups = (C + group - 1) / group;
+      at::parallel_for(0, B * groups, std::max<int64_t>(1, 32768 / (N * group)), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> bp(group * N), bt(group * N);
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t b = t / groups, c0 = (t % groups) * group, g = std::min(group, C - c0);
+          if (inner) {
+            gather_channels<kGroup>(xp + b * psb + c0, C, N, g, bp.data());
+            gather_channels<kGroup>(xt + b * tsb + c0, C, N, g, bt.data());
+          } else {
+            gather_rows(xp + b * psb + c0 * psc, psc, psn, N, g, bp.data());
+            gather_rows(xt + b * tsb + c0 * tsc, tsc, tsn, N, g, bt.data());
+          }
+          // rows 0..g of the copy are rows r0..r0+g of the outputs
+          const int64_t r0 = b * C + c0;
+          const PdlRows<acc_t, acc_t> rows{bp.data(), bt.data(), g, N, 0, N, 1, 0, N, 1, p, target_grad,
+                                           w_ptr + r0, perm_ptr + r0 * N,
+                                           perm_t_ptr != nullptr ? perm_t_ptr + r0 * N : nullptr,
+                                           sign_ptr != nullptr ? sign_ptr + r0 * N : nullptr,
+                                           d2_ptr != nullptr ? d2_ptr + r0 * N : nullptr};
+          run_rows(rows, avx2, 0, g);
+        }
+      });
+      return;
+    }
     const PdlRows<scalar_t, acc_t> rows{xp, xt, C, N, psb, psc, psn, tsb, tsc, tsn, p, target_grad,
                                         w_ptr, perm_ptr, perm_t_ptr, sign_ptr, d2_ptr};
-    const bool avx2 = use_avx2().load();
     at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) { run_rows(rows, avx2, begin, end); });
   });
   return {w, perm, perm_t, deriv};

@@ -338,6 +338,30 @@ def test_gradient_has_the_layout_of_the_features(backend, dtype):
 
 
 @requires_cpu_ext
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "channels_last"), (torch.bfloat16, "contiguous"),
+                                          (torch.float16, "channels_last")])
+def test_cpu_long_rows_copied_in_smaller_groups(dtype, layout):
+    """N = 131407 > 2**17: the cpu kernel copies 7 rows a task, not 8 (a group of 7 and one of 3)."""
+    _check("cpu", (1, 10, 331, 397), "ties", layout, dtype, 1, "none", True)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "transposed"])
+def test_cpu_bfloat16_rows_equal_their_float32_upcast(layout):
+    """bfloat16 rows run the float32 kernels on exact copies: the same loss bits as the upcast
+    input, and the same gradient as the upcast's rounded to bfloat16."""
+    x, y = _inputs((2, 11, 6, 7), torch.bfloat16, "ties", layout)
+    xb, xf = x.clone().requires_grad_(), x.float().requires_grad_()
+    lb = fastloss.pdl(xb, y, reduction="none", backend="cpu", p=1)
+    lf = fastloss.pdl(xf, y.float(), reduction="none", backend="cpu", p=1)
+    assert torch.equal(lb, lf.to(torch.bfloat16))
+    g = (torch.rand(2) + 0.5).to(torch.bfloat16).float()  # exact in bfloat16, lb's dtype
+    lb.float().backward(g)
+    lf.backward(g)
+    assert torch.equal(xb.grad, xf.grad.to(torch.bfloat16))
+
+
+@requires_cpu_ext
 def test_backward_opcheck_both_layouts():
     x, y = _inputs((2, 5, 3, 4), torch.float32, "randn", "channels_last")
     for inner in (True, False):
