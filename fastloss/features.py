@@ -538,10 +538,15 @@ def feature_pair(extractor: nn.Module, u: torch.Tensor, v: torch.Tensor, compute
     return fu, fv
 
 
-def float32_features(feats: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Features as a loss formula takes them: bfloat16 / float16 upcast to float32 (the formulas
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """A feature map as a loss formula takes it: bfloat16 / float16 upcast to float32 (the formulas
     always run in float32 or float64 on the features, whatever the backbone computed in)."""
-    return {k: v.float() if v.dtype in (torch.bfloat16, torch.float16) else v for k, v in feats.items()}
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+def float32_features(feats: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``upcast`` of every feature map."""
+    return {k: upcast(v) for k, v in feats.items()}
 
 
 

@@ -6,8 +6,8 @@ from torch import Tensor
 
 from .. import _backend, _checks
 from .. import _ops
-from ..features import SharedPass, extractor_module, feature_pair, float32_features
-from .ops import check_convention, pdl
+from ..features import SharedPass, extractor_module, feature_pair, upcast
+from .ops import check_convention, pdl_float32
 from .projections import PROJECTIONS, check_rpp, project, projection_matrix
 
 
@@ -118,12 +118,15 @@ class PDLLoss(nn.Module):
 
     def feature_terms(self, fu, fv, loss=0.0):
         """``loss + weight * sum_l w_l * pdl(P_l fu_l, P_l fv_l)``: the formula on the features, in
-        float32 (features computed in bfloat16 are upcast first) with autocast off."""
-        fu, fv = float32_features(fu), float32_features(fv)
+        float32 with autocast off. Features computed in bfloat16 are upcast before a projection;
+        without one, ``pdl_float32`` gives the fused op the bfloat16 features, which it copies to
+        float32 itself (the same bits, without the upcast copies)."""
         with _ops.autocast_off(next(iter(fu.values())).device):
             for i, (name, w) in enumerate(zip(self.layers, self.layer_weights)):
-                m = self._matrix(i, fu[name].shape[1], fu[name].device)
-                loss = loss + self.weight * w * pdl(project(fu[name], m), project(fv[name], m), p=self.p,
-                                                     backend=self.backend, root=self.root,
-                                                     normalization=self.normalization)
+                a, b = fu[name], fv[name]
+                m = self._matrix(i, a.shape[1], a.device)
+                if m is not None:
+                    a, b = project(upcast(a), m), project(upcast(b), m)
+                loss = loss + self.weight * w * pdl_float32(a, b, p=self.p, backend=self.backend, root=self.root,
+                                                            normalization=self.normalization)
         return loss

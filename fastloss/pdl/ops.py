@@ -156,13 +156,31 @@ def pdl(pred: Tensor, target: Tensor, *, p: int = 1, reduction: str = "mean", ba
     ``backend``: ``auto`` (default), ``reference``, ``cpu``, ``triton`` or ``cuda``; see
     ``fastloss.backends()``.
     """
+    return _pdl(pred, target, p, reduction, backend, root, normalization, float32_out=False)
+
+
+def pdl_float32(pred: Tensor, target: Tensor, *, p: int = 1, reduction: str = "mean", backend: str = "auto",
+                root: bool = False, normalization: str = "mean") -> Tensor:
+    """``pdl(pred.float(), target.float(), ...)`` for float16 / bfloat16 features (a loss formula
+    in float32 on a bfloat16 backbone's features), without the upcast copies where a fused op
+    runs: its kernels copy the rows to float32 themselves (exactly), accumulate in float32, and
+    write the gradient in the features' dtype, rounded as the upcast's backward rounds it. The
+    same bits as the upcast (tests/pdl/test_pdl_op.py). Other dtypes: ``pdl`` as it is."""
+    return _pdl(pred, target, p, reduction, backend, root, normalization, float32_out=True)
+
+
+def _pdl(pred, target, p, reduction, backend, root, normalization, float32_out):
     check_inputs(pred, target, p, reduction)
     check_convention(root, normalization)
     name, _ = _ops.select(_OP, IMPLS, backend, pred.device, pred.dtype)
+    reduced = pred.dtype in (torch.float16, torch.bfloat16)
     if IMPLS[name].formula:  # the reference row: the formula itself, with autograd
+        if float32_out and reduced:
+            pred, target = pred.float(), target.float()
         return pdl_reference(pred, target, p, reduction, root, normalization)
     target_grad = target.requires_grad and torch.is_grad_enabled()
     # flatten(2) is a view for contiguous and channels_last inputs; the kernels take any strides.
     w = _pdl_forward(pred.flatten(2), target.flatten(2), p, target_grad, name)[0]
     w = convention(w, pred[0, 0].numel(), p, root, normalization)  # [B, C], elementwise
-    return reduce(w.sum(1), reduction).to(pred.dtype)
+    out = reduce(w.sum(1), reduction)  # float32 (float64 for float64 input)
+    return out if float32_out and reduced else out.to(pred.dtype)

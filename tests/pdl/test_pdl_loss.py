@@ -97,3 +97,30 @@ def test_pdl_loss_accepts_any_module_extractor():
     crit = fastloss.PDLLoss(layers=("feat",), extractor=conv, weight=1.0, pixel_weight=0.0)
     u, v = torch.rand(2, 3, 9, 9), torch.rand(2, 3, 9, 9)
     torch.testing.assert_close(crit(u, v), pdl_reference(conv(u), conv(v)))
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("projection", ["id", "rsp"])
+def test_bfloat16_features_go_to_the_op_as_they_are_with_the_upcast_bits(monkeypatch, projection):
+    """compute_dtype=bfloat16 on the cpu backend: the fused op takes the bfloat16 feature maps
+    (no float32 copies; with a projection they are upcast first), and the loss and the input
+    gradient are bit for bit those of upcasting the features and running pdl in float32."""
+    import importlib
+
+    ops, loss_mod = importlib.import_module("fastloss.pdl.ops"), importlib.import_module("fastloss.pdl.loss")
+    torch.manual_seed(0)
+    loss = fastloss.PDLLoss(layers=("relu1_2", "relu2_2"), extractor_weights=None, compute_dtype=torch.bfloat16,
+                            backend="cpu", projection=projection)
+    u = torch.rand(2, 3, 20, 24, requires_grad=True)
+    v = torch.rand(2, 3, 20, 24)
+    seen = []
+    real = ops._pdl_forward
+    monkeypatch.setattr(ops, "_pdl_forward", lambda a, b, *rest: seen.append(a.dtype) or real(a, b, *rest))
+    got = loss(u, v)
+    (g_got,) = torch.autograd.grad(got, u)
+    assert seen == [torch.bfloat16 if projection == "id" else torch.float32] * 2
+    monkeypatch.setattr(loss_mod, "pdl_float32", lambda a, b, **kw: fastloss.pdl(a.float(), b.float(), **kw))
+    want = loss(u, v)
+    (g_want,) = torch.autograd.grad(want, u)
+    assert got.dtype == want.dtype == torch.float32
+    assert torch.equal(got, want) and torch.equal(g_got, g_want)
