@@ -21,8 +21,9 @@ import common  # noqa: E402
 import fastloss  # noqa: E402
 
 
-def _hand(vgg, layers, autocast):
-    """The loss as written by hand: the VGG's Sequential as it is, torch.sort PDL on its features."""
+def _hand(vgg, layers, autocast, dtype=torch.bfloat16):
+    """The loss as written by hand: the VGG's Sequential as it is, torch.sort PDL on its features
+    (under ``torch.autocast(dtype)`` if ``autocast``)."""
     index = dict(vgg._out_index)
 
     def run(x):
@@ -35,7 +36,7 @@ def _hand(vgg, layers, autocast):
         return out
 
     def loss(u, v):
-        ctx = torch.autocast(u.device.type, dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+        ctx = torch.autocast(u.device.type, dtype=dtype) if autocast else torch.autocast("cpu", enabled=False)
         with ctx:
             fu = run(u)
             with torch.no_grad():
@@ -68,6 +69,17 @@ def main(argv=None):
             loss.extractor.load_state_dict(base.extractor.state_dict())
             loss.extractor.channels_last = cl
             providers[f"fastloss {'bfloat16' if dtype else 'float32'}, {'channels_last' if cl else 'NCHW'}"] = loss
+    # float16: what the backbone would cost computed in it (by hand, autocast), and what fastloss
+    # does in a float16 autocast region (its backbone in float32; docs/fast-steps.md says why)
+    providers["hand-written, autocast float16"] = _hand(base.extractor, layers, True, torch.float16)
+
+    f16_region = fastloss.PDLLoss(layers=layers, extractor_weights=None, pixel_weight=0.0, weight=1.0)
+    f16_region.extractor.load_state_dict(base.extractor.state_dict())
+
+    def fastloss_in_float16_autocast(u, v):
+        with torch.autocast(u.device.type, dtype=torch.float16):
+            return f16_region(u, v)
+    providers["fastloss in an autocast float16 region (backbone in float32)"] = fastloss_in_float16_autocast
 
     def step(fn):
         def run():
