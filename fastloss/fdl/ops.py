@@ -14,6 +14,8 @@ the forward, and only that int8 map is kept (1 byte per element, and a backward 
 projections run in chunks of filters, so that only one chunk's projected maps and permutation
 exist at a time, and keep the filters, not their input (see ``_ProjectedSortedL1``).
 """
+from typing import Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -133,10 +135,72 @@ def fdl(pred: Tensor, target: Tensor, filters: Tensor, *, stride: int = 1, phase
     filters = filters.to(pred.dtype)
     if pdl_ops.IMPLS[name].formula:
         return fdl_layer_reference(pred, target, filters, stride, phase_weight).mean()
-    fx = torch.fft.fftn(pred, dim=(-2, -1))
+    mag, phase = _spectrum(pred)
     with torch.no_grad():
-        fy = torch.fft.fftn(target, dim=(-2, -1))
-    loss = sliced_w1(fx.abs(), fy.abs(), filters, stride, name)
+        mag_t, phase_t = _spectrum(target)
+    loss = sliced_w1(mag, mag_t, filters, stride, name)
     if phase_weight != 0:  # the published code computes the phase term and multiplies it by 0
-        loss = loss + phase_weight * sliced_w1(torch.angle(fx), torch.angle(fy), filters, stride, name)
+        loss = loss + phase_weight * sliced_w1(phase, phase_t, filters, stride, name)
     return loss
+
+
+# --------------------------------------------------------------------------- the spectrum op
+# |F x| and angle(F x) as one custom op with its own backward: opaque to torch.compile, whose
+# CPU layout optimisation hands the complex gradient of torch.fft's autograd a layout it cannot
+# view as real pairs (``self.stride(-1) must be 1 to view ComplexFloat as Float``: PyTorch 2.13,
+# the FFT + abs / angle + convolution pattern alone, without fastloss). The op keeps x, not the
+# complex spectrum, and recomputes the FFT in the backward.
+@torch.library.custom_op("fastloss::fdl_spectrum", mutates_args=())
+def _spectrum(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """(|F x|, angle(F x)), contiguous: F the 2-D FFT over the last two dims of real x."""
+    fx = torch.fft.fftn(x, dim=(-2, -1))
+    return fx.abs().contiguous(), torch.angle(fx).contiguous()
+
+
+@_spectrum.register_fake
+def _(x):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fastloss::fdl_spectrum_backward", mutates_args=())
+def _spectrum_backward(x: Tensor, grad_mag: Tensor, grad_phase: Tensor) -> Tensor:
+    """The gradient w.r.t. real x of ``<grad_mag, |F x|> + <grad_phase, angle(F x)>``: with
+    z = F x = a + ib, d|z| = (a da + b db) / |z| and d angle(z) = (a db - b da) / |z|^2 (both 0
+    where z = 0, as torch.abs and torch.angle give), and for dL = <g_a, da> + <g_b, db> the
+    gradient of x is Re(F^H (g_a + i g_b)) = H W Re(ifft2(g_a + i g_b))."""
+    fx = torch.fft.fftn(x, dim=(-2, -1))
+    a, b = fx.real, fx.imag
+    m2 = a * a + b * b
+    nonzero = m2 > 0
+    inv_m = torch.where(nonzero, m2.rsqrt(), 0.0)
+    inv_m2 = torch.where(nonzero, 1.0 / torch.where(nonzero, m2, 1.0), 0.0)
+    g_a = grad_mag * a * inv_m - grad_phase * b * inv_m2
+    g_b = grad_mag * b * inv_m + grad_phase * a * inv_m2
+    n = x.shape[-1] * x.shape[-2]
+    g = torch.fft.ifftn(torch.complex(g_a, g_b), dim=(-2, -1)).real * n
+    return g.contiguous(memory_format=_layout(x))
+
+
+@_spectrum_backward.register_fake
+def _(x, grad_mag, grad_phase):
+    return torch.empty_like(x, memory_format=_layout(x))
+
+
+def _layout(x):
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
+
+
+def _spectrum_setup(ctx, inputs, output):
+    (x,) = inputs
+    ctx.save_for_backward(x)
+
+
+def _spectrum_grad(ctx, grad_mag, grad_phase):
+    if torch.is_grad_enabled():
+        raise RuntimeError("fdl: double backward (create_graph=True) is not supported")
+    (x,) = ctx.saved_tensors
+    return _spectrum_backward(x, grad_mag, grad_phase)
+
+
+_spectrum.register_autograd(_spectrum_grad, setup_context=_spectrum_setup)

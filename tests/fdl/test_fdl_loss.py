@@ -169,8 +169,9 @@ def test_bfloat16_backbone_runs_the_formula_in_float32():
 def test_fused_path_keeps_one_byte_per_projected_element():
     """What the backward keeps of the projections and sorts: one int8 per projected element of the
     prediction (the sign at its own position) and the filters; no permutation, no float copy of the
-    projected maps, not the magnitude / phase maps the convolutions read. The reference keeps int64
-    indices, float differences and the convolutions' inputs."""
+    projected maps, not the magnitude / phase maps the convolutions read; of the FFT, the features
+    themselves (the spectrum's backward recomputes it), not the complex spectrum. The reference
+    keeps int64 indices, float differences and the convolutions' inputs."""
     x = torch.randn(2, 3, 10, 10, requires_grad=True)
     y = torch.randn(2, 3, 10, 10)
     filters = torch.randn(6, 3, 5, 5)
@@ -182,7 +183,7 @@ def test_fused_path_keeps_one_byte_per_projected_element():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fdl(x, y, filters, backend="cpu")
-    expected = ([(torch.complex64, (2, 3, 10, 10))] * 2  # |X| and angle X keep X (the baseline's share)
+    expected = ([(torch.float32, (2, 3, 10, 10))]  # the spectrum op keeps x itself, not the complex X
                 + [(torch.float32, (6, 3, 5, 5)), (torch.int8, (2, 6, 36))] * 2)
     assert sorted(map(str, saved)) == sorted(map(str, expected))
     saved.clear()
@@ -208,3 +209,42 @@ def test_half_features_run_the_formula_in_float32():
         out = fdl(xh, yh, filters, backend="cpu")
         assert out.dtype == torch.float32
         torch.testing.assert_close(out, fdl(xh.float(), yh.float(), filters, backend="reference"))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_spectrum_op_gradient_is_autograds_through_torch_fft(layout):
+    """fastloss::fdl_spectrum (|F x|, angle F x) and its hand-written backward against autograd
+    through torch.fft.fftn, abs and angle, in float64, with upstream gradients that are not 1 and
+    a dead channel (z = 0); opcheck of the op; the gradient in x's layout."""
+    from fastloss.fdl.ops import _spectrum
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 7, 6, generator=g, dtype=torch.float64)
+    x[:, 1] = 0.0  # a dead channel: every frequency 0
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    gm, gp = torch.rand(2, 3, 7, 6, generator=g, dtype=torch.float64), torch.randn(2, 3, 7, 6, generator=g,
+                                                                                    dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    mag, phase = _spectrum(xa)
+    fx = torch.fft.fftn(xb, dim=(-2, -1))
+    torch.testing.assert_close(mag, fx.abs(), rtol=0, atol=0)
+    torch.testing.assert_close(phase, torch.angle(fx), rtol=0, atol=0)
+    ((mag * gm).sum() + (phase * gp).sum()).backward()
+    ((fx.abs() * gm).sum() + (torch.angle(fx) * gp).sum()).backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(xa.grad).all()
+    assert xa.grad.is_contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                                 else torch.contiguous_format)
+    torch.library.opcheck(_spectrum, (x.clone().requires_grad_(),))
+
+
+@requires_cpu_ext
+def test_torch_compile_fullgraph_matches_eager():
+    """FDLLoss in a compiled training step (fullgraph): the spectrum op keeps torch.compile away
+    from the complex gradient of torch.fft, which PyTorch 2.13's CPU layout optimisation breaks."""
+    from helpers import assert_compiled_matches_eager
+
+    torch.manual_seed(0)
+    crit = fastloss.FDLLoss(layers=("relu1_2", "relu2_2"), num_proj=8, extractor_weights=None, backend="cpu")
+    assert_compiled_matches_eager(lambda a, b: crit(a, b) * 2.0, torch.rand(2, 3, 24, 24), torch.rand(2, 3, 24, 24))
