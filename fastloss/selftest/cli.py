@@ -37,7 +37,7 @@ def main(argv=None):
                          "GPU memory; run them alone, not beside other shards)")
     ap.add_argument("--backends", nargs="+", choices=FAST_BACKENDS, help="default: every fast backend usable here")
     ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default: all four")
-    ap.add_argument("--losses", nargs="+", choices=["pdl", "d2sm", "mdf"], help="default: all three")
+    ap.add_argument("--losses", nargs="+", choices=["pdl", "d2sm", "mdf", "fdl"], help="default: all four")
     ap.add_argument("--shard", type=_shard, default=(1, 1), metavar="K/N", help="run every N-th case from the K-th")
     ap.add_argument("--json", metavar="FILE", help="write every case's result here")
     ap.add_argument("--list", action="store_true",

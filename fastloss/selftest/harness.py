@@ -159,9 +159,9 @@ def cases(full=False, huge=False):
     """The case list: ``full`` for the GPU acceptance run, else the quick one the CPU suite runs;
     ``huge`` adds the cases of more than 2^31 elements in one tensor (CUDA, ~50 GB)."""
     # imported here, not at the top: the case files build their cases from this module
-    from . import d2sm, huge as huge_cases, mdf, pdl, steps
+    from . import d2sm, fdl, huge as huge_cases, mdf, pdl, steps
 
-    out = pdl._pdl_cases(full) + d2sm._d2sm_cases(full) + mdf._mdf_cases(full)
+    out = pdl._pdl_cases(full) + d2sm._d2sm_cases(full) + mdf._mdf_cases(full) + fdl._fdl_cases(full)
     if full:
         out += steps._whole_step_cases()
     if huge:
@@ -192,8 +192,8 @@ class Result:
 
 
 def impls(loss):
-    """The backend table (``IMPLS``) of ``loss``'s ops."""
-    return importlib.import_module(f"fastloss.{loss}.ops").IMPLS
+    """The backend table (``IMPLS``) of ``loss``'s ops (FDL's sorts run on PDL's)."""
+    return importlib.import_module(f"fastloss.{'pdl' if loss == 'fdl' else loss}.ops").IMPLS
 
 
 def outside(case, backend, device):

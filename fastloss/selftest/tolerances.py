@@ -60,5 +60,15 @@ MDF_TOL = {
     # likewise twice PDL's bfloat16 allowance.
     torch.bfloat16: 6e-2,
 }
+# FDL (float32 and float64 only: half features are computed in float32): an FFT, 5 x 5 projection
+# convolutions (TF32 off) and PDL's sorts and means; the gradient in norm (a projected difference
+# within rounding of 0 may take the other sign).
+FDL_TOL = {
+    # as for PDL: a float32 step in a float64 path fails.
+    torch.float64: 1e-9,
+    # the FFT and a convolution of up to 64 x 25 terms per projected value before PDL's sums; a
+    # phase within rounding of -pi may come out as +pi (docs/fdl.md): 1e-4, as for PDL.
+    torch.float32: 1e-4,
+}
 # Each loss's table, for the cases that are not tied to one loss's module (the whole-step cases).
-BY_LOSS = {"pdl": TOL, "d2sm": D2SM_TOL, "mdf": MDF_TOL}
+BY_LOSS = {"pdl": TOL, "d2sm": D2SM_TOL, "mdf": MDF_TOL, "fdl": FDL_TOL}

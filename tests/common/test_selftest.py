@@ -100,6 +100,9 @@ def test_full_case_list_covers_every_regime():
     for dt in ("float32", "float64", "float16", "bfloat16"):
         assert f"mdf (4, 3, 128, 128) grouped [{dt}]" in names
         assert f"mdf (2, 3, 40, 37) grouped channels_last target_grad [{dt}]" in names
+    for dt in ("float32", "float64"):  # FDL: no half cases (fdl computes half features in float32)
+        assert any(n.startswith("fdl (2, 64, 24, 24) 256 filters") and n.endswith(f"[{dt}]") for n in names)
+    assert any(n.startswith("fdl") and "phase_weight 2.0 channels_last [float64]" in n for n in names)
     for loss in ("pdl", "d2sm", "mdf"):
         for what in ("determinism", "torch.compile(fullgraph=True)", "side stream", "cuda:1",
                      "set_sync_debug_mode('error')", "CUDA-graph capture and replay"):
@@ -109,7 +112,7 @@ def test_full_case_list_covers_every_regime():
 
 def test_quick_list_has_every_loss_and_the_triton_regimes():
     names = [c.label for c in selftest.cases(full=False)]
-    assert {c.loss for c in selftest.cases(full=False)} == {"pdl", "d2sm", "mdf"}
+    assert {c.loss for c in selftest.cases(full=False)} == {"pdl", "d2sm", "mdf", "fdl"}
     assert any("sort fallback" in n for n in names) and any("blocks of 16" in n for n in names)
 
 
@@ -224,7 +227,7 @@ def test_cpu_quick_passes(tmp_path):
     assert code == 0, buf.getvalue()
     by_label = {c.label: c for c in selftest.cases(full=False)}
     assert [selftest.acceptance_problem(by_label[r.case], r, "cpu") for r in results] == [None] * len(results)
-    assert {r.loss for r in results if r.status == "pass"} == {"pdl", "d2sm", "mdf"}
+    assert {r.loss for r in results if r.status == "pass"} == {"pdl", "d2sm", "mdf", "fdl"}
     assert "FAIL" not in buf.getvalue() and "all passed" in buf.getvalue()
     assert selftest.main(["--device", "cpu", "--backends", "cpu", "--losses", "d2sm", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
@@ -235,10 +238,11 @@ def test_cpu_quick_passes(tmp_path):
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton unavailable (needs TRITON_INTERPRET=1 on CPU)")
 def test_triton_quick_passes_under_the_interpreter():
-    """`--backends triton --quick` under TRITON_INTERPRET=1: a third of the cases, every loss."""
+    """`--backends triton --quick` under TRITON_INTERPRET=1: a third of the cases, every loss (both FDL ones)."""
     quick = selftest.cases(full=False)
-    some = [c for i, c in enumerate(quick) if i % 3 == 0 or "fallback" in c.name or "blocks" in c.name]
-    assert {c.loss for c in some} == {"pdl", "d2sm", "mdf"}
+    some = [c for i, c in enumerate(quick) if i % 3 == 0 or "fallback" in c.name or "blocks" in c.name
+            or c.loss == "fdl"]
+    assert {c.loss for c in some} == {"pdl", "d2sm", "mdf", "fdl"}
     code, results, text = _quick(["triton"], case_list=some)
     assert code == 0, text
     assert [selftest.acceptance_problem(c, r, "cpu") for c, r in zip(some, results)] == [None] * len(some)
