@@ -204,7 +204,6 @@ def main(argv=None):
               "CPU, and fast's added memory <= 20% of the reference's."]
     if not args.no_write:
         common.write_section("fdl", "\n".join(lines))
-        print(f"wrote the fdl section of {common.BENCHMARKS_MD}")
     return 0
 
 

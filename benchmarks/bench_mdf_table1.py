@@ -116,7 +116,6 @@ def main(argv=None):
               "like `Ds_Denoising.pth`, `Ds_JPEG.pth` is smaller."]
     if not args.no_write:
         common.write_section("mdf-table1", "\n".join(lines))
-        print(f"wrote the mdf-table1 section of {common.BENCHMARKS_MD}")
     return 0
 
 

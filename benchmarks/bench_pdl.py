@@ -126,7 +126,6 @@ def main(argv=None):
               "Inputs are ReLU'd Gaussians (many ties at 0)."]
     if not args.no_write:
         common.write_section("pdl", "\n".join(lines))
-        print(f"wrote the pdl section of {common.BENCHMARKS_MD}")
     return 0
 
 

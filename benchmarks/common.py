@@ -154,16 +154,18 @@ def measure_in_subprocess(module, func, *args):
 
 
 def write_section(name, text):
-    """Replace (or append) the section ``name`` of BENCHMARKS.md, delimited by HTML comments."""
+    """Replace (or append) the section ``name`` of BENCHMARKS.md, delimited by HTML comments, and
+    say so."""
     from fastloss.bench import write_markdown_section
 
     write_markdown_section(BENCHMARKS_MD, name, text)
+    print(f"wrote the {name} section of {BENCHMARKS_MD}")
 
 
 def machine_lines(info):
-    flags = info.get("cpu_flags") or {}
-    flag_text = (f"; flags: {' '.join(flags.get('flags') or ['no avx512 / amx'])}, torch CPU capability "
-                 f"{flags.get('torch_cpu_capability')}") if flags else ""
+    from fastloss.bench.report import flags_text
+
+    flag_text = flags_text(info.get("cpu_flags"))
     return [f"- CPU: {info['cpu']} ({info['logical_cpus']} logical CPUs, torch threads {info['torch_threads']}"
             f"{flag_text})",
             f"- torch {info['torch']}, triton {info['triton']}, python {info['python']}, fastloss {info['fastloss']}",
@@ -193,5 +195,4 @@ def write_report(section, title, argv, reps, peak_of, info, columns, rows, notes
     text = "\n".join(lines)
     if write:
         write_section(section, text)
-        print(f"wrote the {section} section of {BENCHMARKS_MD}")
     return text

@@ -227,7 +227,6 @@ def main(argv=None):
     lines += compare_on_natural_images()
     if not args.no_write:
         common.write_section("mdf-sensitivity", "\n".join(lines))
-        print(f"wrote the mdf-sensitivity section of {common.BENCHMARKS_MD}")
     return 0
 
 

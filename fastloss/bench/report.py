@@ -5,12 +5,19 @@ import os
 from .model import CONFIGS
 
 
-def _flags(m):
-    """The CPU's bfloat16-relevant flags, for the header (``run.cpu_flags``)."""
-    f = m.get("cpu_flags") or {}
+def flags_text(f):
+    """``run.cpu_flags()`` for a header: "; flags: avx512f avx512_bf16, no AMX, torch CPU capability
+    AVX512" (AMX's absence said outright: it decides what bfloat16 gives); "" without them."""
     if not f:
         return ""
-    return f"; flags: {' '.join(f.get('flags') or ['no avx512 / amx'])}, torch CPU capability {f.get('torch_cpu_capability')}"
+    present = list(f.get("flags") or [])
+    words = " ".join(present or ["no avx512"]) + ("" if any(w.startswith("amx") for w in present) else ", no AMX")
+    return f"; flags: {words}, torch CPU capability {f.get('torch_cpu_capability')}"
+
+
+def _flags(m):
+    """The CPU's bfloat16-relevant flags, for the header (``run.cpu_flags``)."""
+    return flags_text(m.get("cpu_flags"))
 
 
 def format_table(rows, skipped):

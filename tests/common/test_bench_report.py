@@ -45,3 +45,14 @@ def test_default_rounds_alternate_configurations_every_few_steps():
     """The README's defaults: 10 rounds of 3 timed steps (after 2 warm-up steps)."""
     args = bench.parse_args([])
     assert (args.rounds, args.steps, args.warmup) == (10, 3, 2)
+
+
+def test_header_says_whether_the_cpu_has_amx():
+    """Every benchmark header names the CPU's AVX-512 / AMX flags, and says AMX's absence outright."""
+    from fastloss.bench.report import flags_text
+
+    amd = flags_text({"flags": ["avx512f", "avx512_bf16"], "torch_cpu_capability": "AVX512"})
+    intel = flags_text({"flags": ["avx512f", "avx512_bf16", "amx_bf16", "amx_tile"], "torch_cpu_capability": "AVX512"})
+    assert amd == "; flags: avx512f avx512_bf16, no AMX, torch CPU capability AVX512"
+    assert "amx_bf16 amx_tile" in intel and "no AMX" not in intel
+    assert flags_text(None) == ""
