@@ -243,8 +243,19 @@ def test_spectrum_op_gradient_is_autograds_through_torch_fft(layout):
 def test_torch_compile_fullgraph_matches_eager():
     """FDLLoss in a compiled training step (fullgraph): the spectrum op keeps torch.compile away
     from the complex gradient of torch.fft, which PyTorch 2.13's CPU layout optimisation breaks."""
-    from helpers import assert_compiled_matches_eager
-
     torch.manual_seed(0)
     crit = fastloss.FDLLoss(layers=("relu1_2", "relu2_2"), num_proj=8, extractor_weights=None, backend="cpu")
-    assert_compiled_matches_eager(lambda a, b: crit(a, b) * 2.0, torch.rand(2, 3, 24, 24), torch.rand(2, 3, 24, 24))
+
+    def step(a, b):
+        return crit(a, b) * 2.0
+
+    x, y = torch.rand(2, 3, 24, 24), torch.rand(2, 3, 24, 24)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, want = torch.compile(step, fullgraph=True)(xa, y), step(xb, y)
+    got.backward()
+    want.backward()
+    # inductor runs VGG's convolutions in its own kernels and layout: float32 rounding apart from
+    # eager mode (measured here: 3e-7 on the value, 7e-7 on the gradient in norm); 1e-5 / 1e-4 leave
+    # a CPU family with other kernels room, and a wrong gradient (1e-2 and more) none
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    assert ((xa.grad - xb.grad).norm() / xb.grad.norm()).item() < 1e-4
