@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import _ops
+from ..features import upcast
 from .reference import NORMALIZATIONS, REDUCTIONS, convention, pdl_reference, reduce
 
 _OP = "pdl"
@@ -173,14 +174,13 @@ def _pdl(pred, target, p, reduction, backend, root, normalization, float32_out):
     check_inputs(pred, target, p, reduction)
     check_convention(root, normalization)
     name, _ = _ops.select(_OP, IMPLS, backend, pred.device, pred.dtype)
-    reduced = pred.dtype in (torch.float16, torch.bfloat16)
     if IMPLS[name].formula:  # the reference row: the formula itself, with autograd
-        if float32_out and reduced:
-            pred, target = pred.float(), target.float()
+        if float32_out:
+            pred, target = upcast(pred), upcast(target)
         return pdl_reference(pred, target, p, reduction, root, normalization)
     target_grad = target.requires_grad and torch.is_grad_enabled()
     # flatten(2) is a view for contiguous and channels_last inputs; the kernels take any strides.
     w = _pdl_forward(pred.flatten(2), target.flatten(2), p, target_grad, name)[0]
     w = convention(w, pred[0, 0].numel(), p, root, normalization)  # [B, C], elementwise
     out = reduce(w.sum(1), reduction)  # float32 (float64 for float64 input)
-    return out if float32_out and reduced else out.to(pred.dtype)
+    return out if float32_out else out.to(pred.dtype)
